@@ -1,0 +1,1 @@
+"""The harness: configs, the run command, timing, results, reports and the regression check."""

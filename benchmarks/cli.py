@@ -1,0 +1,117 @@
+"""The `rcnn-bench` command: run | report | compare | proposals | data."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["main", "DEFAULT_CONFIG"]
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from benchmarks.config import load_config
+    from benchmarks.run import run
+
+    path = args.config or str(DEFAULT_CONFIG)
+    run(load_config(path, args.set), path)
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from datasets.synthetic import SyntheticConfig, generate
+
+    cfg = SyntheticConfig(seed=args.seed, train_images=args.train, test_images=args.test)
+    written = generate(args.out, cfg)
+    for split, anns in written.items():
+        objects = sum(len(a.boxes) for a in anns)
+        print(f"{args.out}: {split} {len(anns)} images, {objects} objects")
+    return 0
+
+
+def _cmd_proposals(args: argparse.Namespace) -> int:
+    from benchmarks.config import load_config
+    from benchmarks.run import ensure_dataset
+    from datasets.voc import VOCDataset
+    from pipelines.proposals import load_or_compute
+
+    cfg = load_config(args.config or str(DEFAULT_CONFIG), args.set)
+    root, _ = ensure_dataset(cfg)
+    limits = {cfg.data.train_split: cfg.data.train_limit, cfg.data.test_split: cfg.data.test_limit}
+    for split, limit in limits.items():
+        ds = VOCDataset(root, split, limit)
+        props, cached = load_or_compute(ds, cfg.proposals, cfg.cache_dir, cfg.proposal_workers)
+        s = props.stats(ds)
+        print(
+            f"{ds.name}/{split}: {len(ds)} images, {s['mean_per_image']:.0f} proposals/img, "
+            f"{s['seconds_per_image'] * 1000:.0f} ms/img, recall@0.5 {s['recall_iou50']:.3f}, "
+            f"recall@0.7 {s['recall_iou70']:.3f}{' (cached)' if cached else ''}"
+        )
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from benchmarks.report import render
+
+    runs = [Path(r) for r in args.runs]
+    out = Path(args.out) if args.out else runs[-1]
+    html, md = render(runs, out)
+    print(f"wrote {html} and {md}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from benchmarks.compare import compare
+
+    return compare(args.baseline, args.results)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rcnn-bench", description="Benchmark R-CNN against Fast R-CNN on shared proposals."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train, time and score both pipelines; write reports/<run-id>/")
+    r.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG.name})")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
+    r.set_defaults(func=_cmd_run)
+    d = sub.add_parser("data", help="generate data")
+    dsub = d.add_subparsers(dest="what", required=True)
+    syn = dsub.add_parser("synthetic", help="write a synthetic VOC-format folder")
+    syn.add_argument("--out", required=True)
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--train", type=int, default=120, help="training images")
+    syn.add_argument("--test", type=int, default=60, help="test images")
+    syn.set_defaults(func=_cmd_data)
+    pr = sub.add_parser("proposals", help="compute (or read) the shared proposals of a config")
+    pr.add_argument("--config")
+    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pr.set_defaults(func=_cmd_proposals)
+    rep = sub.add_parser("report", help="render report.html and report.md from run folders")
+    rep.add_argument(
+        "runs", nargs="+", help="run folders; the last is the one reported, all feed the trend"
+    )
+    rep.add_argument("--out", help="where to write (default: the last run folder)")
+    rep.set_defaults(func=_cmd_report)
+    c = sub.add_parser(
+        "compare", help="check a results.json against a baseline; non-zero on regression"
+    )
+    c.add_argument("baseline")
+    c.add_argument("results")
+    c.set_defaults(func=_cmd_compare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as err:  # our input errors are ValueErrors with one-line messages
+        print(f"rcnn-bench: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Run configuration: YAML -> one frozen dataclass per component, unknown keys rejected.
+
+A config file may hold any subset of the keys of :class:`RunConfig`; what it leaves out keeps its
+default. ``--set a.b=value`` overrides are parsed as YAML scalars (``--set rcnn.solver.iters=50``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from datasets.synthetic import SyntheticConfig
+from pipelines.backbones import BackboneConfig
+from pipelines.fast_rcnn import FastRCNNConfig
+from pipelines.proposals import ProposalConfig
+from pipelines.rcnn import RCNNConfig
+
+__all__ = ["ConfigError", "DataConfig", "BenchConfig", "RunConfig", "load_config", "to_dict"]
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema (one line, naming the file and key)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which VOC-format folder and splits to use."""
+
+    kind: str = "synthetic"  # "synthetic" (generated into root when missing) or "voc" (must exist)
+    root: str = "datasets/data/synthetic-default"  # the VOC-format folder
+    train_split: str = "trainval"
+    test_split: str = "test"
+    train_limit: int | None = None  # use only the first N training images
+    test_limit: int | None = None  # use only the first N test images
+    fallback_to_synthetic: bool = False  # "voc" only: generate synthetic data when root is missing
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self):
+        if self.kind not in ("synthetic", "voc"):
+            raise ValueError(f"data.kind must be 'synthetic' or 'voc', got {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """How inference is timed (shared/DESIGN.md, "Timing rules")."""
+
+    warmup_images: int = 2  # per pipeline, not counted
+    timed_images: int = 0  # 0: every test image (the full configs time at least 64)
+    bootstrap_samples: int = 2000  # resamples for the speedup's 95% interval
+    sweep_proposals: tuple[int, ...] = (100, 300, 1000, 2000)  # proposals per image in the sweep
+    sweep_images: int = 3  # images timed per sweep point
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs."""
+
+    name: str = "default"
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    proposal_workers: int = 2  # selective-search worker processes
+    cache_dir: str = "datasets/data/cache"  # proposal and feature caches
+    output_dir: str = "reports"  # one folder per run below it
+    data: DataConfig = field(default_factory=DataConfig)
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    rcnn: RCNNConfig = field(default_factory=RCNNConfig)
+    fast_rcnn: FastRCNNConfig = field(default_factory=FastRCNNConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+def _convert(value: Any, hint: Any, where: str, default: Any = None) -> Any:
+    """Check and convert one YAML value to the field's type (``default``: the field's default)."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(hint, value, where, default)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        return _convert(value, next(a for a in args if a is not type(None)), where)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_convert(v, a, where) for v, a in zip(value, args, strict=True))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {hint!r}")
+
+
+def _build(cls: type, values: dict, where: str, base: Any = None) -> Any:
+    """``base`` (default: ``cls()``) with the fields in ``values`` replaced; ``where`` is the dotted
+    path to it ("" at the top). A nested section keeps the defaults of its parent's field."""
+    base = cls() if base is None else base
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown key {key!r} (known here: {', '.join(names)})")
+    kwargs = {
+        k: _convert(v, hints[k], f"{where}.{k}" if where else k, getattr(base, k))
+        for k, v in values.items()
+    }
+    try:
+        return dataclasses.replace(base, **kwargs)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _set_path(tree: dict, dotted: str, value: Any, source: str) -> None:
+    node = tree
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: {dotted}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
+    """Read a YAML config (None: the defaults) and apply ``key.path=value`` overrides.
+
+    Raises:
+        ConfigError: a missing or unparsable file, an unknown key, a value of the wrong type.
+    """
+    tree: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file is missing")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{source}: not valid YAML{line}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        _set_path(tree, key.strip(), yaml.safe_load(raw), f"--set {item}")
+    try:
+        return _build(RunConfig, tree, "")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """A config as plain data (tuples become lists), for results.json."""
+    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,61 @@
+"""Peak memory of a block of work: CUDA's allocator peak, or sampled resident memory on the CPU."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["PeakMemory"]
+
+_PAGE = 4096
+
+
+def _rss_bytes() -> int:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+class PeakMemory:
+    """Context manager: ``peak_bytes`` is the most memory the block used above where it started.
+
+    On CUDA this is torch.cuda.max_memory_allocated; on the CPU the process's resident set is sampled
+    every millisecond from /proc (``method`` says which).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_bytes = 0
+        self.method = "cuda_max_allocated" if device.type == "cuda" else "cpu_rss_sampled"
+        self._stop = threading.Event()
+        self._peak = 0
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _rss_bytes())
+            time.sleep(0.001)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            self._start = self._peak = _rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._start)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, _rss_bytes())
+            self.peak_bytes = max(0, self._peak - self._start)

@@ -1,0 +1,1 @@
+"""VOC-format datasets: the reader, the synthetic generator, and where generated data lives."""

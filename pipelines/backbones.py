@@ -1,0 +1,168 @@
+"""Backbones shared by both detectors: a conv trunk of stride 16 and an fc head (fc6, fc7).
+
+Shapes: N images or regions, C trunk channels, P pooled side, D fc7 width.
+    trunk:  (N, 3, H, W) -> (N, C, H/16, W/16)
+    pool5:  (N, C, P, P)   R-CNN: max pool of the whole trunk map; Fast R-CNN: RoI max pooling
+    head:   (N, C*P*P) -> (N, D)
+
+"tiny" is a small net for the CPU default; "alexnet" and "vgg16" are torchvision's definitions with the
+last max pool removed from the trunk (RoI pooling takes its place), so torchvision's ImageNet weights
+load unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision import models
+
+__all__ = ["BackboneConfig", "Backbone", "build_backbone", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Which network, and where its initial weights come from."""
+
+    name: str = "tiny"  # "tiny", "alexnet" or "vgg16"
+    weights: str = (
+        "none"  # "none" (seeded random init), "imagenet" (torchvision's API), or a .pt path
+    )
+    seed: int = 0  # seed of the random initialisation
+    tiny_channels: tuple[int, ...] = (16, 32, 64, 128)  # "tiny" only: channels of its 4 stages
+    tiny_fc: int = 256  # "tiny" only: width of fc6 and fc7
+
+    def __post_init__(self):
+        if self.name not in _BUILDERS:
+            raise ValueError(f"backbone.name must be one of {sorted(_BUILDERS)}, got {self.name!r}")
+
+
+class Backbone(nn.Module):
+    """A conv trunk (stride 16) and an fc head, with the facts both detectors need about them.
+
+    Attributes:
+        trunk: conv layers, stride 16.
+        head: fc6 and fc7 with their ReLUs (and dropout for the torchvision nets).
+        pool_size: P, the side of pool5 (7 VGG16, 6 AlexNet, 4 tiny).
+        input_size: the side R-CNN warps regions to (224 VGG16, 227 AlexNet, 64 tiny).
+        channels: C, trunk output channels.
+        fc_dim: D, fc7 width.
+        stride: 16.
+    """
+
+    def __init__(
+        self, trunk: nn.Module, head: nn.Sequential, pool_size: int, input_size: int, channels: int
+    ):
+        super().__init__()
+        self.trunk = trunk
+        self.head = head
+        self.pool_size = pool_size
+        self.input_size = input_size
+        self.channels = channels
+        self.fc_dim = [m for m in head if isinstance(m, nn.Linear)][-1].out_features
+        self.stride = 16
+
+    def forward(self, pool5: Tensor) -> Tensor:
+        """fc7 of pooled features: (N, C, P, P) -> (N, D)."""
+        return self.head(pool5.flatten(1))
+
+
+def _tiny(cfg: BackboneConfig) -> Backbone:
+    layers: list[nn.Module] = []
+    in_ch = 3
+    for ch in cfg.tiny_channels:
+        layers += [nn.Conv2d(in_ch, ch, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        in_ch = ch
+    layers += [nn.Conv2d(in_ch, in_ch, 3, padding=1), nn.ReLU(inplace=True)]
+    trunk = nn.Sequential(*layers)
+    for m in trunk:
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    pool = 4
+    head = nn.Sequential(
+        nn.Linear(in_ch * pool * pool, cfg.tiny_fc),
+        nn.ReLU(inplace=True),
+        nn.Linear(cfg.tiny_fc, cfg.tiny_fc),
+        nn.ReLU(inplace=True),
+    )
+    for m in head:
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return Backbone(trunk, head, pool_size=pool, input_size=64, channels=in_ch)
+
+
+def _torchvision(name: str, cfg: BackboneConfig) -> Backbone:
+    weights = models.get_model_weights(name).DEFAULT if cfg.weights == "imagenet" else None
+    net = models.get_model(name, weights=weights)
+    trunk = net.features[:-1]  # drop the last max pool: stride 16
+    if name == "alexnet":
+        # classifier: Dropout, fc6, ReLU, Dropout, fc7, ReLU, fc8
+        head = net.classifier[:6]
+        return Backbone(trunk, head, pool_size=6, input_size=227, channels=256)
+    # vgg16 classifier: fc6, ReLU, Dropout, fc7, ReLU, Dropout, fc8
+    head = net.classifier[:6]
+    return Backbone(trunk, head, pool_size=7, input_size=224, channels=512)
+
+
+_BUILDERS = {
+    "tiny": _tiny,
+    "alexnet": lambda cfg: _torchvision("alexnet", cfg),
+    "vgg16": lambda cfg: _torchvision("vgg16", cfg),
+}
+
+
+def build_backbone(cfg: BackboneConfig) -> Backbone:
+    """Build a backbone with its initial weights.
+
+    "none" initialises from ``cfg.seed`` (the same seed gives the same weights); "imagenet" loads
+    torchvision's weights (a download on first use); a path loads a state dict saved from a Backbone
+    or from the torchvision model of the same name.
+
+    Raises:
+        ValueError: the weights file is missing or does not fit the network.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        backbone = _BUILDERS[cfg.name](cfg)
+    if cfg.weights not in ("none", "imagenet"):
+        load_weights(backbone, cfg.weights)
+    return backbone
+
+
+def load_weights(backbone: Backbone, path: str | Path) -> None:
+    """Load a state dict from ``path`` into ``backbone``: either a Backbone's own keys (trunk.*, head.*)
+    or a torchvision classifier's (features.*, classifier.*)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: backbone weights file is missing")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a bad file
+        raise ValueError(f"{path}: cannot read backbone weights ({err})") from None
+    if any(k.startswith("features.") for k in state):
+        renamed = {}
+        for key, value in state.items():
+            prefix, _, rest = key.partition(".")
+            if prefix == "features":
+                renamed[f"trunk.{rest}"] = value
+            elif prefix == "classifier" and int(rest.split(".")[0]) < 6:
+                renamed[f"head.{rest}"] = value
+        state = renamed
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(f"{path}: weights do not fit this backbone ({first})") from None
+
+
+def clone(backbone: Backbone) -> Backbone:
+    """An independent copy, so that two detectors start from the same weights."""
+    return copy.deepcopy(backbone)

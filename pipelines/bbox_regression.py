@@ -1,0 +1,116 @@
+"""R-CNN's class-specific bounding-box regression (appendix C; rcnn_train_bbox_regressor.m).
+
+Shapes: M training regions, F pool5 width (C*P*P), K classes.
+
+For each class, regions whose best ground-truth box is of that class with IoU > 0.6 are the examples;
+the targets are the deltas (dx, dy, log dw, log dh) to that box (pipelines.boxes.encode_deltas),
+centred and whitened per class as the original did; one ridge regression (lambda = 1000) per class
+maps the scaled pool5 features to them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.linear_model import Ridge
+from torch import Tensor
+
+from pipelines.boxes import decode_deltas, encode_deltas
+
+__all__ = ["BoxRegressors", "fit_box_regressors"]
+
+
+@dataclass
+class BoxRegressors:
+    """Per-class linear maps from pool5 features to box deltas.
+
+    Attributes:
+        weight: Tensor[K, F, 4]; bias: Tensor[K, 4]; un-whitening: deltas = (x W + b) T_inv + mu, with
+        t_inv: Tensor[K, 4, 4] and mu: Tensor[K, 4]. trained: Tensor[K] bool (a class with no examples
+        leaves its boxes where they are).
+    """
+
+    weight: Tensor
+    bias: Tensor
+    t_inv: Tensor
+    mu: Tensor
+    trained: Tensor
+    examples: list[int]
+
+    def to(self, device: torch.device) -> BoxRegressors:
+        return BoxRegressors(
+            self.weight.to(device), self.bias.to(device), self.t_inv.to(device), self.mu.to(device),
+            self.trained.to(device), self.examples,
+        )  # fmt: skip
+
+    def predict(self, features: Tensor, boxes: Tensor, class_index: Tensor) -> Tensor:
+        """Regress boxes.
+
+        Args:
+            features (Tensor[M, F]): scaled pool5 features of the boxes' regions.
+            boxes (Tensor[M, 4]): the proposals.
+            class_index (Tensor[M]): 0-based class of each (label - 1).
+
+        Returns:
+            Tensor[M, 4]: moved boxes (unchanged for classes with no regressor).
+        """
+        out = boxes.clone()
+        for j in torch.unique(class_index).tolist():
+            if not bool(self.trained[j]):
+                continue
+            rows = torch.nonzero(class_index == j).flatten()
+            deltas = (features[rows] @ self.weight[j] + self.bias[j]) @ self.t_inv[j] + self.mu[j]
+            out[rows] = decode_deltas(boxes[rows], deltas)
+        return out
+
+
+def fit_box_regressors(
+    features: np.ndarray,
+    boxes: np.ndarray,
+    gt_boxes: np.ndarray,
+    labels: np.ndarray,
+    iou: np.ndarray,
+    num_classes: int,
+    lam: float = 1000.0,
+    min_iou: float = 0.6,
+) -> BoxRegressors:
+    """Fit one ridge regressor per class.
+
+    Args:
+        features: (M, F) scaled pool5 features.
+        boxes: (M, 4) the regions' boxes.
+        gt_boxes: (M, 4) each region's best-overlapping ground-truth box.
+        labels: (M,) that box's class 1..K.
+        iou: (M,) the overlap with it.
+        num_classes: K.
+        lam: ridge penalty (lambda, 1000 in the original).
+        min_iou: examples need IoU above this (0.6).
+    """
+    f = features.shape[1]
+    weight = np.zeros((num_classes, f, 4), np.float32)
+    bias = np.zeros((num_classes, 4), np.float32)
+    t_inv = np.tile(np.eye(4, dtype=np.float32), (num_classes, 1, 1))
+    mu = np.zeros((num_classes, 4), np.float32)
+    trained = np.zeros(num_classes, bool)
+    examples = []
+    for j in range(num_classes):
+        rows = np.nonzero((labels == j + 1) & (iou > min_iou))[0]
+        examples.append(len(rows))
+        if len(rows) < 2:
+            continue
+        y = encode_deltas(torch.from_numpy(boxes[rows]), torch.from_numpy(gt_boxes[rows])).numpy()
+        mu[j] = y.mean(0)
+        cov = (y - mu[j]).T @ (y - mu[j]) / len(rows)
+        evals, evecs = np.linalg.eigh(cov)
+        t = evecs @ np.diag(1.0 / np.sqrt(evals + 1e-3)) @ evecs.T  # whitening
+        t_inv[j] = evecs @ np.diag(np.sqrt(evals + 1e-3)) @ evecs.T
+        ridge = Ridge(alpha=lam).fit(features[rows].astype(np.float64), (y - mu[j]) @ t)
+        weight[j] = ridge.coef_.T
+        bias[j] = ridge.intercept_
+        trained[j] = True
+    return BoxRegressors(
+        torch.from_numpy(weight), torch.from_numpy(bias), torch.from_numpy(t_inv),
+        torch.from_numpy(mu), torch.from_numpy(trained), examples,
+    )  # fmt: skip

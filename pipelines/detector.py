@@ -1,0 +1,163 @@
+"""The Detector interface the harness times, and the test-time steps both detectors share.
+
+Shapes: R proposals, K object classes (labels 1..K, background 0), M candidate detections.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+from datasets.voc import Annotation
+from pipelines.backbones import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.boxes import clip_boxes
+from pipelines.timing import StageTimer
+
+__all__ = ["Detections", "TrainData", "Detector", "normalize_image", "candidates", "select"]
+
+
+@dataclass
+class Detections:
+    """One image's detections, on the CPU, sorted by descending score.
+
+    Attributes:
+        boxes: Tensor[D, 4] xyxy in the image's pixels.
+        scores: Tensor[D].
+        labels: Tensor[D] int64, 1..K.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+
+    @classmethod
+    def empty(cls) -> Detections:
+        return cls(torch.zeros((0, 4)), torch.zeros(0), torch.zeros(0, dtype=torch.long))
+
+
+@dataclass
+class TrainData:
+    """A training split in memory: decoded images, their annotations and shared proposals.
+
+    Attributes:
+        images: list of RGB uint8 (H, W, 3) arrays.
+        annotations: one per image.
+        proposals: list of float32 (Ri, 4) xyxy boxes, one per image (without ground truth).
+        num_classes: K.
+    """
+
+    images: list[np.ndarray]
+    annotations: list[Annotation]
+    proposals: list[np.ndarray]
+    num_classes: int
+
+    def ground_truth(self, i: int) -> tuple[Tensor, Tensor]:
+        """Non-difficult boxes (Tensor[G, 4]) and labels (Tensor[G]) of image i: the training targets
+        (difficult objects are left out of training, as in both originals' default)."""
+        ann = self.annotations[i]
+        keep = ~ann.difficult
+        return torch.from_numpy(ann.boxes[keep]), torch.from_numpy(ann.labels[keep])
+
+
+class Detector(abc.ABC):
+    """What the harness knows of a detector. It never asks which one it is timing.
+
+    ``fit`` records its stages in the timer it is given; ``detect`` records its inference stages.
+    ``variants`` names test-time alternatives the harness scores (and times) beside the default.
+    """
+
+    name: str = ""
+    variants: tuple[str, ...] = ()
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @abc.abstractmethod
+    def fit(self, data: TrainData, timer: StageTimer) -> dict:
+        """Train on ``data``; returns facts to record (counts, sizes), stage times go to ``timer``."""
+
+    @abc.abstractmethod
+    def detect(
+        self, image: Tensor, proposals: Tensor, timer: StageTimer, variant: str | None = None
+    ) -> Detections:
+        """Detect objects in one image.
+
+        Args:
+            image: Tensor[H, W, 3] uint8 RGB, already on the device.
+            proposals: Tensor[R, 4] float xyxy in image pixels, on the device (R may be 0).
+            timer: receives the inference stages.
+            variant: one of ``variants``, or None for the default model.
+        """
+
+    @abc.abstractmethod
+    def paper_schedule(self, stages_s: dict[str, float]) -> dict:
+        """Training hours extrapolated to the paper's iteration count, from measured stage times:
+        {"iterations_run", "paper_iterations", "hours"}."""
+
+
+def normalize_image(image: Tensor) -> Tensor:
+    """Tensor[H, W, 3] uint8 RGB -> Tensor[3, H, W] float, ImageNet mean subtracted and std divided.
+
+    After this, zero is the mean colour: what R-CNN puts outside the image and what padding adds.
+    """
+    x = image.permute(2, 0, 1).float().div_(255.0)
+    mean = x.new_tensor(IMAGENET_MEAN)[:, None, None]
+    std = x.new_tensor(IMAGENET_STD)[:, None, None]
+    return (x - mean) / std
+
+
+def candidates(scores: Tensor, score_thresh: float) -> tuple[Tensor, Tensor]:
+    """Which (proposal, class) pairs go on to box regression and NMS.
+
+    Args:
+        scores (Tensor[R, K]): per-class scores of classes 1..K.
+        score_thresh: keep pairs scoring above this.
+
+    Returns:
+        (Tensor[M], Tensor[M]): proposal index and class index (0-based, so label = index + 1).
+    """
+    return torch.nonzero(scores > score_thresh, as_tuple=True)
+
+
+def select(
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    size: tuple[int, int],
+    nms_iou: float,
+    max_per_class: int,
+) -> Detections:
+    """Clip, per-class NMS, and at most ``max_per_class`` per class (the highest scoring).
+
+    Args:
+        boxes (Tensor[M, 4]): candidate boxes (already regressed).
+        scores (Tensor[M]): their scores.
+        labels (Tensor[M]): their classes 1..K.
+        size: the image's (H, W).
+        nms_iou: suppress a box overlapping a higher-scoring box of its class more than this (0.3).
+        max_per_class: detections kept per class (100).
+
+    Returns:
+        Detections on the CPU, highest score first.
+    """
+    if boxes.shape[0] == 0:
+        return Detections.empty()
+    boxes = clip_boxes(boxes, size)
+    area_ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    boxes, scores, labels = boxes[area_ok], scores[area_ok], labels[area_ok]
+    keep = batched_nms(boxes.float(), scores.float(), labels, nms_iou)  # by descending score
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    # Rank of each detection within its class: a stable sort by label keeps the score order.
+    by_label, order = torch.sort(labels, stable=True)
+    _, counts = torch.unique_consecutive(by_label, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(by_label.numel(), device=labels.device) - starts.repeat_interleave(counts)
+    kept = torch.sort(order[rank < max_per_class]).values
+    return Detections(
+        boxes[kept].float().cpu(), scores[kept].float().cpu(), labels[kept].long().cpu()
+    )

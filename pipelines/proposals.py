@@ -1,0 +1,230 @@
+"""Selective-search proposals, computed once per split and shared by both detectors.
+
+Each image is shrunk so that its longer side is at most ``resize_max_side``, segmented by OpenCV
+contrib's selective search (fast or quality mode), and the boxes are mapped back to the original
+pixels; boxes with a side under ``min_side`` and duplicates are dropped, and at most
+``max_proposals`` are kept in selective search's own order. Images are processed in worker processes;
+the result is cached on disk, keyed by the dataset, the split and the parameters, and the cache
+records the image ids it was computed for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from datasets.voc import DatasetError, VOCDataset, read_image
+from pipelines.boxes import box_iou
+
+__all__ = [
+    "ProposalConfig",
+    "ProposalSet",
+    "ProposalCacheError",
+    "selective_search",
+    "load_or_compute",
+]
+
+CACHE_VERSION = 1
+
+
+class ProposalCacheError(ValueError):
+    """A proposal cache that does not belong to the split it was asked for."""
+
+
+@dataclass(frozen=True)
+class ProposalConfig:
+    """Selective-search settings; every field is part of the cache key."""
+
+    mode: str = "fast"  # "fast" or "quality" (cv2.ximgproc's two strategies)
+    resize_max_side: int = 500  # shrink images so the longer side is at most this before segmenting
+    min_side: float = 4.0  # drop boxes with a side under this many pixels (original image)
+    max_proposals: int = 2000  # keep at most this many per image, in selective search's order
+
+    def __post_init__(self):
+        if self.mode not in ("fast", "quality"):
+            raise ValueError(f"proposals.mode must be 'fast' or 'quality', got {self.mode!r}")
+        if self.max_proposals < 1 or self.resize_max_side < 16:
+            raise ValueError("proposals.max_proposals must be >= 1 and resize_max_side >= 16")
+
+
+@dataclass
+class ProposalSet:
+    """Proposals of one split.
+
+    Attributes:
+        image_ids: the split's ids, in order.
+        boxes: list of float32 (Ri, 4) xyxy boxes in original image pixels.
+        seconds: float64 (N,) time selective search took on each image (decoding not included).
+    """
+
+    image_ids: list[str]
+    boxes: list[np.ndarray]
+    seconds: np.ndarray
+
+    def stats(self, dataset: VOCDataset) -> dict[str, float]:
+        """Mean proposals and seconds per image, and recall of non-difficult ground truth at IoU 0.5
+        and 0.7 (a box is recalled when some proposal overlaps it that much)."""
+        hits = {0.5: 0, 0.7: 0}
+        total = 0
+        for ann, props in zip(dataset.annotations, self.boxes, strict=True):
+            gt = ann.boxes[~ann.difficult]
+            total += len(gt)
+            if len(gt) == 0 or len(props) == 0:
+                continue
+            best = box_iou(torch.from_numpy(gt), torch.from_numpy(props)).max(dim=1).values.numpy()
+            for t in hits:
+                hits[t] += int((best >= t).sum())
+        return {
+            "mean_per_image": float(np.mean([len(b) for b in self.boxes])),
+            "seconds_per_image": float(np.mean(self.seconds)),
+            "recall_iou50": hits[0.5] / max(total, 1),
+            "recall_iou70": hits[0.7] / max(total, 1),
+        }
+
+
+def selective_search(image: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
+    """Selective-search boxes of one image.
+
+    Args:
+        image: RGB uint8 (H, W, 3).
+        cfg: the settings.
+
+    Returns:
+        float32 (R, 4) xyxy boxes in the image's pixels, R <= cfg.max_proposals, no duplicates,
+        every side >= cfg.min_side.
+    """
+    h, w = image.shape[:2]
+    scale = min(1.0, cfg.resize_max_side / max(h, w))
+    small = (
+        image
+        if scale == 1.0
+        else cv2.resize(
+            image,
+            (max(1, round(w * scale)), max(1, round(h * scale))),
+            interpolation=cv2.INTER_AREA,
+        )
+    )
+    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    ss.setBaseImage(cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
+    if cfg.mode == "fast":
+        ss.switchToSelectiveSearchFast()
+    else:
+        ss.switchToSelectiveSearchQuality()
+    rects = ss.process().astype(np.float32).reshape(-1, 4)  # (x, y, w, h) in the small image
+    boxes = np.concatenate((rects[:, :2], rects[:, :2] + rects[:, 2:]), axis=1) / scale
+    boxes = np.clip(np.round(boxes, 2), 0, [w, h, w, h]).astype(np.float32)
+    keep = ((boxes[:, 2] - boxes[:, 0]) >= cfg.min_side) & (
+        (boxes[:, 3] - boxes[:, 1]) >= cfg.min_side
+    )
+    boxes = boxes[keep]
+    _, first = np.unique(boxes, axis=0, return_index=True)
+    return boxes[np.sort(first)][: cfg.max_proposals]
+
+
+def _worker(args: tuple[str, ProposalConfig]) -> tuple[np.ndarray, float]:
+    path, cfg = args
+    cv2.setNumThreads(1)
+    image = read_image(path)
+    start = time.perf_counter()
+    boxes = selective_search(image, cfg)
+    return boxes, time.perf_counter() - start
+
+
+def cache_path(cache_dir: str | Path, dataset: VOCDataset, cfg: ProposalConfig) -> Path:
+    """Where the proposals of this dataset split and these settings are cached."""
+    key = json.dumps(
+        {"v": CACHE_VERSION, "data": dataset.fingerprint, **asdict(cfg)}, sort_keys=True
+    )
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return (
+        Path(cache_dir)
+        / f"{dataset.name}-{dataset.split}-{len(dataset)}-ss-{cfg.mode}-{digest}.npz"
+    )
+
+
+def save(path: Path, props: ProposalSet, dataset: VOCDataset, cfg: ProposalConfig) -> None:
+    """Write a cache file atomically (a crash leaves no half-written cache behind)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    counts = np.array([len(b) for b in props.boxes], dtype=np.int64)
+    np.savez(
+        tmp,
+        boxes=np.concatenate(props.boxes) if props.boxes else np.zeros((0, 4), np.float32),
+        counts=counts,
+        seconds=props.seconds,
+        image_ids=np.array(props.image_ids),
+        meta=np.array(
+            json.dumps({"split": dataset.split, "data": dataset.fingerprint, **asdict(cfg)})
+        ),
+    )
+    tmp.replace(path)
+
+
+def load(path: Path, dataset: VOCDataset) -> ProposalSet:
+    """Read a cache file and check that it was computed for exactly this split's images."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            boxes, counts, seconds = f["boxes"], f["counts"], f["seconds"]
+            image_ids = [str(i) for i in f["image_ids"]]
+            meta = json.loads(str(f["meta"]))
+    except (OSError, KeyError, ValueError) as err:
+        raise ProposalCacheError(f"{path}: unreadable proposal cache ({err}); delete it") from None
+    if image_ids != list(dataset.image_ids):
+        raise ProposalCacheError(
+            f"{path}: proposal cache was computed for split {meta.get('split')!r} "
+            f"({len(image_ids)} images), not for {dataset.name}/{dataset.split} "
+            f"({len(dataset)} images): image ids differ; delete it or point at the right split"
+        )
+    if meta.get("data") != dataset.fingerprint:
+        raise ProposalCacheError(f"{path}: stale proposal cache (annotations changed); delete it")
+    return ProposalSet(image_ids, list(np.split(boxes, np.cumsum(counts)[:-1])), seconds)
+
+
+def compute(dataset: VOCDataset, cfg: ProposalConfig, workers: int = 1) -> ProposalSet:
+    """Run selective search on every image of a split, in ``workers`` processes, with a progress bar."""
+    jobs = [(str(dataset.image_path(i)), cfg) for i in dataset.image_ids]
+    desc = f"proposals {dataset.name}/{dataset.split}"
+    if workers <= 1:
+        results = [_worker(job) for job in tqdm(jobs, desc=desc, unit="img")]
+    else:
+        # fork: workers use only OpenCV and NumPy, and fork needs no importable __main__.
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            results = list(
+                tqdm(pool.map(_worker, jobs, chunksize=4), total=len(jobs), desc=desc, unit="img")
+            )
+    for (path, _), (boxes, _) in zip(jobs, results, strict=True):
+        if len(boxes) == 0:
+            raise DatasetError(path, "selective search found no box (blank image?)")
+    return ProposalSet(
+        image_ids=list(dataset.image_ids),
+        boxes=[b for b, _ in results],
+        seconds=np.array([s for _, s in results], dtype=np.float64),
+    )
+
+
+def load_or_compute(
+    dataset: VOCDataset, cfg: ProposalConfig, cache_dir: str | Path, workers: int = 1
+) -> tuple[ProposalSet, bool]:
+    """The split's proposals from the cache, computing and caching them when absent.
+
+    Returns:
+        (proposals, True when they came from the cache).
+    """
+    path = cache_path(cache_dir, dataset, cfg)
+    if path.is_file():
+        return load(path, dataset), True
+    props = compute(dataset, cfg, workers)
+    save(path, props, dataset, cfg)
+    return props, False

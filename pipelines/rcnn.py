@@ -1,0 +1,319 @@
+"""R-CNN (Girshick et al., 2014): warped regions, a fine-tuned CNN, per-class SVMs, box regressors.
+
+Shapes: R regions of one image, S input side, C trunk channels, P pool5 side, D fc7 width, K classes.
+    warp:       (3, H, W) image, (R, 4) boxes -> (R, 3, S, S)
+    conv:       (R, 3, S, S) -> trunk (R, C, S/16, S/16) -> max pool -> pool5 (R, C, P, P)
+    fc:         pool5 -> fc7 (R, D)
+    classifier: fc7 * scale -> SVM scores (R, K)
+    bbox_reg:   pool5 * scale of the kept boxes -> moved boxes
+
+Training stages: fine-tuning on warped regions (K+1-way softmax, 128-region batches of 32 foreground
+and 96 background), fc7/pool5 feature extraction into an on-disk cache, SVMs with hard-negative mining,
+ridge box regressors.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from pipelines.backbones import Backbone
+from pipelines.bbox_regression import BoxRegressors, fit_box_regressors
+from pipelines.boxes import box_iou
+from pipelines.detector import Detections, Detector, TrainData, candidates, normalize_image, select
+from pipelines.sampling import match, sample_fg_bg, with_ground_truth
+from pipelines.svm import SVMConfig, train_svms
+from pipelines.timing import StageTimer
+from pipelines.training import SolverConfig, run_sgd
+from pipelines.warp import warp_regions
+
+__all__ = ["RCNNConfig", "RCNN"]
+
+
+@dataclass(frozen=True)
+class RCNNConfig:
+    """R-CNN's settings; defaults are the paper's."""
+
+    context_pad: int = 16  # context around each warped box, in warped pixels
+    solver: SolverConfig = field(default_factory=lambda: SolverConfig(paper_iters=100000))
+    batch_size: int = 128  # regions per fine-tuning batch
+    fg_fraction: float = 0.25  # 32 of 128
+    fg_iou: float = 0.5  # fine-tuning foreground threshold
+    feature_norm: float = 20.0  # features are scaled so their mean L2 norm is this
+    svm: SVMConfig = field(default_factory=SVMConfig)
+    svm_neg_iou: float = 0.3  # SVM negatives overlap every box of the class less than this
+    bbox_lambda: float = 1000.0  # ridge penalty
+    bbox_min_iou: float = 0.6  # box-regression examples overlap a ground-truth box more than this
+    score_thresh: float = -1.1  # SVM score a (region, class) pair needs to be kept at test time
+    nms_iou: float = 0.3
+    max_per_class: int = 100
+    region_batch: int = 256  # warped regions per forward pass
+    keep_feature_cache: bool = False  # keep the on-disk fc7/pool5 cache after training
+
+
+class RCNN(Detector):
+    """R-CNN behind the Detector interface.
+
+    Args:
+        backbone: the shared backbone (this detector fine-tunes it in place: pass a clone).
+        num_classes: K.
+        cfg: settings.
+        device: where the CNN runs.
+        cache_dir: where the training-set feature cache is written.
+    """
+
+    name = "rcnn"
+    variants = ("no_bbox_reg",)
+
+    def __init__(
+        self, backbone: Backbone, num_classes: int, cfg: RCNNConfig, device: torch.device,
+        cache_dir: str | Path,
+    ):  # fmt: skip
+        super().__init__(device)
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.net = backbone.to(device)
+        self.cls = nn.Linear(backbone.fc_dim, num_classes + 1).to(device)  # fine-tuning only
+        nn.init.normal_(self.cls.weight, std=0.01)
+        nn.init.zeros_(self.cls.bias)
+        self.cache_dir = Path(cache_dir)
+        self.svm_w: Tensor | None = None  # (D, K)
+        self.svm_b: Tensor | None = None  # (K,)
+        self.fc7_scale = 1.0
+        self.pool5_scale = 1.0
+        self.regressors: BoxRegressors | None = None
+
+    # -- the network on warped regions -----------------------------------------------------------
+
+    def _pool5(self, regions: Tensor) -> Tensor:
+        """(R, 3, S, S) -> (R, C, P, P): the trunk, then the last max pool."""
+        return F.adaptive_max_pool2d(self.net.trunk(regions), self.net.pool_size)
+
+    def _warp(self, image: Tensor, boxes: Tensor) -> Tensor:
+        return warp_regions(image, boxes, self.net.input_size, self.cfg.context_pad)
+
+    @torch.no_grad()
+    def _features(self, image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+        """fc7 (R, D) and flattened pool5 (R, C*P*P) of every box of one normalized image."""
+        fc7, pool5 = [], []
+        for chunk in boxes.split(self.cfg.region_batch):
+            p5 = self._pool5(self._warp(image, chunk))
+            pool5.append(p5.flatten(1))
+            fc7.append(self.net(p5))
+        if not fc7:
+            d5 = self.net.channels * self.net.pool_size**2
+            return image.new_zeros((0, self.net.fc_dim)), image.new_zeros((0, d5))
+        return torch.cat(fc7), torch.cat(pool5)
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def fit(self, data: TrainData, timer: StageTimer) -> dict:
+        rois, gts = [], []
+        for i, props in enumerate(data.proposals):
+            gt_boxes, gt_labels = data.ground_truth(i)
+            rois.append(with_ground_truth(torch.from_numpy(props), gt_boxes))
+            gts.append((gt_boxes, gt_labels))
+        with timer.stage("finetune"):
+            losses = self._finetune(data, rois, gts)
+        work = self.cache_dir / f"rcnn-features-{id(self):x}"
+        try:
+            with timer.stage("features"):
+                cache = self._cache_features(data, rois, gts, work)
+            with timer.stage("svm"):
+                records = self._train_svms(cache)
+            with timer.stage("bbox_reg"):
+                self._train_regressors(cache)
+        finally:
+            if not self.cfg.keep_feature_cache:
+                shutil.rmtree(work, ignore_errors=True)
+        return {
+            "finetune_final_loss": float(np.mean(losses[-50:])),
+            "feature_cache_bytes": cache["bytes"],
+            "feature_cache_regions": int(cache["offsets"][-1]),
+            "feature_norm_scale": {"fc7": self.fc7_scale, "pool5": self.pool5_scale},
+            "svm": [{"class": j + 1, **asdict(r)} for j, r in enumerate(records)],
+            "bbox_examples": self.regressors.examples,
+        }
+
+    def _finetune(self, data: TrainData, rois: list[Tensor], gts: list[tuple[Tensor, Tensor]]):
+        """K+1-way softmax fine-tuning on warped regions drawn across the whole training set."""
+        cfg = self.cfg
+        image_of = torch.cat([torch.full((len(r),), i) for i, r in enumerate(rois)])
+        boxes = torch.cat(rois)
+        matches = [match(r, g[0], g[1], cfg.fg_iou) for r, g in zip(rois, gts, strict=True)]
+        iou = torch.cat([m.iou for m in matches])
+        labels = torch.cat([m.labels for m in matches])
+        gen = torch.Generator().manual_seed(cfg.solver.seed)
+        self.net.train()
+
+        def loss_fn(_: int) -> Tensor:
+            fg, bg = sample_fg_bg(
+                iou, cfg.batch_size, cfg.fg_fraction, cfg.fg_iou, (0.0, cfg.fg_iou), gen
+            )
+            picked = torch.cat((fg, bg))
+            regions = torch.empty(
+                (len(picked), 3, self.net.input_size, self.net.input_size), device=self.device
+            )
+            for i in torch.unique(image_of[picked]).tolist():  # one batched warp per image
+                rows = torch.nonzero(image_of[picked] == i).flatten()
+                image = normalize_image(torch.from_numpy(data.images[i]).to(self.device))
+                regions[rows.to(self.device)] = self._warp(
+                    image, boxes[picked[rows]].to(self.device)
+                )
+            logits = self.cls(self.net(self._pool5(regions)))
+            return F.cross_entropy(logits, labels[picked].to(self.device))
+
+        params = list(self.net.parameters()) + list(self.cls.parameters())
+        losses = run_sgd(params, cfg.solver, loss_fn, "rcnn fine-tune")
+        self.net.eval()
+        return losses
+
+    def _cache_features(
+        self, data: TrainData, rois: list[Tensor], gts: list[tuple[Tensor, Tensor]], work: Path
+    ) -> dict:
+        """Write fc7 of every training region and pool5 of the box-regression examples to disk
+        (float16), with what the SVMs and regressors need to know about each region."""
+        cfg, k = self.cfg, self.num_classes
+        work.mkdir(parents=True, exist_ok=True)
+        offsets = np.cumsum([0] + [len(r) for r in rois])
+        d7, d5 = self.net.fc_dim, self.net.channels * self.net.pool_size**2
+        fc7_file = np.lib.format.open_memmap(
+            work / "fc7.npy", "w+", np.float16, (int(offsets[-1]), d7)
+        )
+        reg_rows, reg_feats, reg_gt, reg_labels, reg_iou = [], [], [], [], []
+        neg_masks, pos_rows, pos_labels = [], [], []
+        norm7 = norm5 = 0.0
+        for i in tqdm(range(len(rois)), desc="rcnn features", unit="img", mininterval=1.0):
+            image = normalize_image(torch.from_numpy(data.images[i]).to(self.device))
+            fc7, pool5 = self._features(image, rois[i].to(self.device))
+            fc7, pool5 = fc7.cpu(), pool5.cpu()
+            fc7_file[offsets[i] : offsets[i + 1]] = fc7.numpy().astype(np.float16)
+            norm7 += float(fc7.norm(dim=1).sum())
+            norm5 += float(pool5.norm(dim=1).sum())
+            gt_boxes, gt_labels = gts[i]
+            ann = data.annotations[i]
+            # Negatives: overlap with every box of the class (difficult ones too) below svm_neg_iou.
+            all_gt = torch.from_numpy(ann.boxes)
+            ious = box_iou(rois[i], all_gt)  # (R, G_all)
+            per_class = torch.zeros((len(rois[i]), k))
+            for j in range(k):
+                cols = torch.from_numpy(ann.labels == j + 1)
+                if cols.any():
+                    per_class[:, j] = ious[:, cols].max(dim=1).values
+            neg_masks.append((per_class < cfg.svm_neg_iou).numpy())
+            g = len(gt_boxes)  # the ground-truth rows come first (with_ground_truth)
+            pos_rows.append(offsets[i] + np.arange(g))
+            pos_labels.append(gt_labels.numpy())
+            m = match(rois[i], gt_boxes, gt_labels, 0.0)
+            keep = torch.nonzero(m.iou > cfg.bbox_min_iou).flatten()
+            reg_rows.append(keep.numpy() + offsets[i])
+            reg_feats.append(pool5[keep].numpy().astype(np.float16))
+            reg_gt.append(gt_boxes[m.gt_index[keep]].numpy() if g else np.zeros((0, 4), np.float32))
+            reg_labels.append(gt_labels[m.gt_index[keep]].numpy() if g else np.zeros(0, np.int64))
+            reg_iou.append(m.iou[keep].numpy())
+        fc7_file.flush()
+        pool5_all = np.concatenate(reg_feats) if reg_feats else np.zeros((0, d5), np.float16)
+        np.save(work / "pool5.npy", pool5_all)
+        n = max(int(offsets[-1]), 1)
+        self.fc7_scale = cfg.feature_norm / max(norm7 / n, 1e-12)
+        self.pool5_scale = cfg.feature_norm / max(norm5 / n, 1e-12)
+        all_rois = torch.cat(rois).numpy()
+        reg_index = np.concatenate(reg_rows) if reg_rows else np.zeros(0, np.int64)
+        return {
+            "offsets": offsets,
+            "fc7": np.load(work / "fc7.npy", mmap_mode="r"),
+            "pool5": np.load(work / "pool5.npy", mmap_mode="r"),
+            "neg_masks": neg_masks,
+            "pos_rows": np.concatenate(pos_rows).astype(np.int64),
+            "pos_labels": np.concatenate(pos_labels),
+            "reg_boxes": all_rois[reg_index],
+            "reg_gt": np.concatenate(reg_gt).astype(np.float32),
+            "reg_labels": np.concatenate(reg_labels),
+            "reg_iou": np.concatenate(reg_iou),
+            "bytes": sum(f.stat().st_size for f in work.iterdir()),
+        }
+
+    def _train_svms(self, cache: dict):
+        fc7, scale = cache["fc7"], self.fc7_scale
+        pos_all = np.asarray(fc7[cache["pos_rows"]], np.float32) * scale
+        positives = [pos_all[cache["pos_labels"] == j + 1] for j in range(self.num_classes)]
+        w, b, records = train_svms(positives, _CachedImages(cache, scale), self.cfg.svm)
+        self.svm_w = torch.from_numpy(w).to(self.device)
+        self.svm_b = torch.from_numpy(b).to(self.device)
+        return records
+
+    def _train_regressors(self, cache: dict) -> None:
+        feats = np.asarray(cache["pool5"], np.float32) * self.pool5_scale
+        self.regressors = fit_box_regressors(
+            feats, cache["reg_boxes"], cache["reg_gt"], cache["reg_labels"], cache["reg_iou"],
+            self.num_classes, lam=self.cfg.bbox_lambda, min_iou=self.cfg.bbox_min_iou,
+        ).to(self.device)  # fmt: skip
+
+    def paper_schedule(self, stages_s: dict[str, float]) -> dict:
+        s = self.cfg.solver
+        seconds = stages_s["finetune"] * s.paper_iters / s.iters + sum(
+            v for name, v in stages_s.items() if name != "finetune"
+        )
+        return {
+            "iterations_run": s.iters,
+            "paper_iterations": s.paper_iters,
+            "hours": seconds / 3600,
+        }
+
+    # -- inference --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def detect(
+        self, image: Tensor, proposals: Tensor, timer: StageTimer, variant: str | None = None
+    ) -> Detections:
+        if variant not in (None, *self.variants):
+            raise ValueError(f"rcnn has no variant {variant!r}")
+        if proposals.shape[0] == 0:
+            return Detections.empty()
+        with timer.stage("preprocess"):
+            x = normalize_image(image)
+        fc7_parts, pool5_parts = [], []
+        for chunk in proposals.split(self.cfg.region_batch):
+            with timer.stage("warp"):
+                regions = self._warp(x, chunk)
+            with timer.stage("conv"):
+                p5 = self._pool5(regions)
+            with timer.stage("fc"):
+                fc7_parts.append(self.net(p5))
+            pool5_parts.append(p5.flatten(1))
+        with timer.stage("classifier"):
+            scores = (torch.cat(fc7_parts) * self.fc7_scale) @ self.svm_w + self.svm_b  # (R, K)
+            rows, cls = candidates(scores, self.cfg.score_thresh)
+        with timer.stage("bbox_reg"):
+            boxes = proposals[rows]
+            if variant != "no_bbox_reg":
+                feats = torch.cat(pool5_parts)[rows] * self.pool5_scale
+                boxes = self.regressors.predict(feats, boxes, cls)
+        with timer.stage("nms"):
+            size = (image.shape[0], image.shape[1])
+            return select(
+                boxes, scores[rows, cls], cls + 1, size, self.cfg.nms_iou, self.cfg.max_per_class
+            )
+
+
+class _CachedImages:
+    """The training images' scaled fc7 features and negative masks, read from the cache on demand."""
+
+    def __init__(self, cache: dict, scale: float):
+        self.cache, self.scale = cache, scale
+
+    def __len__(self) -> int:
+        return len(self.cache["offsets"]) - 1
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.cache["offsets"][i], self.cache["offsets"][i + 1]
+        return np.asarray(self.cache["fc7"][lo:hi], np.float32) * self.scale, self.cache[
+            "neg_masks"
+        ][i]

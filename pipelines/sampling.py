@@ -1,0 +1,82 @@
+"""Matching proposals to ground truth and sampling foreground/background mini-batches.
+
+Both detectors fine-tune on proposals labelled by their best-overlapping ground-truth box: R-CNN draws
+128-region batches (32 foreground at IoU >= 0.5, 96 background below 0.5) across the training set,
+Fast R-CNN 64 RoIs per image (25% foreground, background IoU in [0.1, 0.5)). One sampler serves both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from pipelines.boxes import box_iou
+
+__all__ = ["Matches", "match", "sample_fg_bg", "with_ground_truth"]
+
+
+@dataclass
+class Matches:
+    """What each proposal overlaps most.
+
+    Attributes:
+        iou: Tensor[R], the best IoU with any ground-truth box (0 when there is none).
+        gt_index: Tensor[R] int64, which ground-truth box that is (0 when there is none).
+        labels: Tensor[R] int64, its class 1..K, or 0 (background) when ``iou`` is below ``fg_iou``.
+    """
+
+    iou: Tensor
+    gt_index: Tensor
+    labels: Tensor
+
+
+def match(proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, fg_iou: float) -> Matches:
+    """Match each proposal (Tensor[R, 4]) to its best ground-truth box (Tensor[G, 4], labels [G])."""
+    r = proposals.shape[0]
+    if gt_boxes.shape[0] == 0:
+        zero = torch.zeros(r, dtype=torch.long)
+        return Matches(torch.zeros(r), zero, zero.clone())
+    iou, gt_index = box_iou(proposals, gt_boxes).max(dim=1)
+    labels = torch.where(iou >= fg_iou, gt_labels[gt_index], torch.zeros_like(gt_index))
+    return Matches(iou, gt_index, labels)
+
+
+def sample_fg_bg(
+    iou: Tensor,
+    batch_size: int,
+    fg_fraction: float,
+    fg_iou: float,
+    bg_iou: tuple[float, float],
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """Draw foreground and background indices without replacement.
+
+    Foreground: iou >= fg_iou, at most round(batch_size * fg_fraction) of them. Background:
+    bg_iou[0] <= iou < bg_iou[1], filling the rest of the batch. Fewer are returned when fewer exist.
+
+    Args:
+        iou (Tensor[R]): each candidate's best IoU with ground truth.
+        batch_size: regions in the batch.
+        fg_fraction: the share of foreground (0.25 for both papers' settings).
+        fg_iou: foreground threshold (0.5).
+        bg_iou: the background band (R-CNN (0, 0.5), Fast R-CNN (0.1, 0.5)).
+        generator: the random stream (training is seeded).
+
+    Returns:
+        (Tensor[F] int64, Tensor[B] int64): foreground and background indices into ``iou``.
+    """
+    fg = torch.nonzero(iou >= fg_iou).flatten()
+    bg = torch.nonzero((iou >= bg_iou[0]) & (iou < bg_iou[1])).flatten()
+    n_fg = min(int(round(batch_size * fg_fraction)), fg.numel())
+    n_bg = min(batch_size - n_fg, bg.numel())
+    fg = fg[torch.randperm(fg.numel(), generator=generator)[:n_fg]]
+    bg = bg[torch.randperm(bg.numel(), generator=generator)[:n_bg]]
+    return fg, bg
+
+
+def with_ground_truth(proposals: Tensor, gt_boxes: Tensor) -> Tensor:
+    """Training proposals: the ground-truth boxes first, then the proposals (both originals do this;
+    never at test time). Tensor[G + R, 4]."""
+    return torch.cat((gt_boxes.to(proposals.dtype), proposals), dim=0)
