@@ -63,8 +63,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from benchmarks.compare import compare
+    from benchmarks.compare import compare, write_baseline
 
+    if args.write_baseline:
+        data = write_baseline(args.results, args.baseline)
+        print(f"wrote baseline {args.baseline} from run {data['source_run']}")
+        return 0
     return compare(args.baseline, args.results)
 
 
@@ -98,8 +102,12 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "compare", help="check a results.json against a baseline; non-zero on regression"
     )
-    c.add_argument("baseline")
-    c.add_argument("results")
+    c.add_argument("baseline", help="baseline JSON (benchmarks/baselines/<config>.json)")
+    c.add_argument("results", help="a results.json or a run folder")
+    c.add_argument(
+        "--write-baseline", action="store_true",
+        help="instead of checking, write BASELINE from RESULTS (tolerances already there are kept)",
+    )  # fmt: skip
     c.set_defaults(func=_cmd_compare)
     return p
 

@@ -55,6 +55,8 @@ class BenchConfig:
     bootstrap_samples: int = 2000  # resamples for the speedup's 95% interval
     sweep_proposals: tuple[int, ...] = (100, 300, 1000, 2000)  # proposals per image in the sweep
     sweep_images: int = 3  # images timed per sweep point
+    example_images: int = 4  # test images whose top detections the report draws
+    example_detections: int = 5  # detections kept per pipeline and example image
     seed: int = 0
 
 

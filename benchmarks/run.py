@@ -24,7 +24,7 @@ from tqdm import tqdm
 from benchmarks.config import RunConfig, to_dict
 from benchmarks.env import environment, resolve_device
 from benchmarks.evaluation import VOCEvaluator
-from benchmarks.memory import PeakMemory
+from benchmarks.memory import PeakMemory, allocation_peak
 from benchmarks.results import SCHEMA_VERSION, append_history, validate, write_json
 from benchmarks.stats import bootstrap_ratio, summarize
 from datasets.synthetic import generate
@@ -162,6 +162,7 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path:
                 "total_s": sum(stages.values()),
                 "paper_schedule": det.paper_schedule(stages),
                 "peak_memory_bytes": mem.peak_bytes,
+                "peak_memory_method": mem.method,
                 "info": info,
             }
         }
@@ -182,10 +183,27 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path:
         for det in detectors.values():
             _timed_detect(det, test_images[i], test_boxes[i], device)
     order = list(detectors.items())
+    examples = [
+        {
+            "image": str(test_ds.image_path(test_ds.image_ids[i]).resolve()),
+            "image_id": test_ds.image_ids[i],
+            "gt_boxes": test_ds.annotations[i].boxes.tolist(),
+            "gt_labels": test_ds.annotations[i].labels.tolist(),
+            "detections": {},
+        }
+        for i in range(min(bench.example_images, n_test))
+    ]
     for i in tqdm(range(n_test), desc="inference (alternating)", unit="img"):
         for name, det in order if i % 2 == 0 else order[::-1]:
             dets, ms, stages = _timed_detect(det, test_images[i], test_boxes[i], device)
             evaluators[name].process(test_ds.annotations[i], dets)
+            if i < len(examples):
+                k = bench.example_detections
+                examples[i]["detections"][name] = {
+                    "boxes": dets.boxes[:k].tolist(),
+                    "scores": dets.scores[:k].tolist(),
+                    "labels": dets.labels[:k].tolist(),
+                }
             if i in timed:
                 samples[name].append(ms)
                 stage_samples[name].append(stages)
@@ -238,14 +256,16 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path:
         with FlopCounterMode(display=False) as counter:
             det.detect(test_images[probe], test_boxes[probe], StageTimer(device))
         flops = counter.get_total_flops()
-        with PeakMemory(device) as mem:
-            det.detect(test_images[probe], test_boxes[probe], StageTimer(device))
+        peak, method = allocation_peak(
+            lambda det=det: det.detect(test_images[probe], test_boxes[probe], StageTimer(device)),
+            device,
+        )
         median_s = records[name]["inference"]["ms_per_image"]["median"] / 1000
         records[name]["inference"]["flops_per_image"] = flops
         records[name]["inference"]["flops_image_proposals"] = int(test_boxes[probe].shape[0])
         records[name]["inference"]["achieved_gflops_per_s"] = flops / 1e9 / median_s
-        records[name]["peak_memory_bytes"] = mem.peak_bytes
-        records[name]["peak_memory_method"] = mem.method
+        records[name]["peak_memory_bytes"] = peak
+        records[name]["peak_memory_method"] = method
 
     # -- sweep over proposals per image ---------------------------------------------------------------
     sweep = {
@@ -314,6 +334,7 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path:
         "pipelines": records,
         "speedup": speedup,
         "sweep": sweep,
+        "examples": examples,
         "wall_s": time.perf_counter() - started,
     }
     validate(results)

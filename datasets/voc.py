@@ -196,11 +196,13 @@ class VOCDataset:
 
     @property
     def fingerprint(self) -> str:
-        """Short hash of the split's ids and annotation files' contents, for cache keys."""
+        """Short hash of the split's ids, annotation files' contents and image files' sizes, for cache
+        keys (regenerated images with the same annotations still change it)."""
         digest = hashlib.sha1()
         for image_id in self.image_ids:
             digest.update(image_id.encode() + b"\0")
             digest.update((self.root / "Annotations" / f"{image_id}.xml").read_bytes())
+            digest.update(str(self.image_path(image_id).stat().st_size).encode())
         return digest.hexdigest()[:12]
 
     @property

@@ -197,9 +197,9 @@ def compute(dataset: VOCDataset, cfg: ProposalConfig, workers: int = 1) -> Propo
     if workers <= 1:
         results = [_worker(job) for job in tqdm(jobs, desc=desc, unit="img")]
     else:
-        # fork: workers use only OpenCV and NumPy, and fork needs no importable __main__.
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        # spawn, not fork: a forked child inherits OpenCV's and torch's thread pools mid-state and can
+        # deadlock. (A script calling this needs the usual `if __name__ == "__main__":` guard.)
+        ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             results = list(
                 tqdm(pool.map(_worker, jobs, chunksize=4), total=len(jobs), desc=desc, unit="img")

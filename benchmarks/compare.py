@@ -1,0 +1,143 @@
+"""Regression check: a run's tracked metrics against a committed baseline.
+
+Ratios measured within one run are gated (absolute times differ from machine to machine):
+- inference speedup: fails when even the top of the run's 95% bootstrap interval is below
+  baseline * (1 - tolerance), so that noise alone does not fail a build;
+- training speedup: one number per run, fails below baseline * (1 - tolerance);
+- each pipeline's VOC07 mAP: fails when it drops more than the tolerance (absolute).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.results import ResultsError, read_results, write_json
+
+__all__ = ["compare", "tracked_metrics", "check", "write_baseline"]
+
+DEFAULT_TOLERANCES = {
+    "speedup_inference": 0.30,
+    "speedup_train": 0.35,
+    "map_rcnn": 0.10,
+    "map_fast_rcnn": 0.10,
+}
+
+
+def tracked_metrics(results: dict) -> dict[str, dict]:
+    """{metric: {"value", "ci95" (or None)}} from a results.json."""
+    s = results["speedup"]
+    out = {
+        "speedup_inference": {"value": s["inference"]["value"], "ci95": s["inference"]["ci95"]},
+        "speedup_train": {"value": s["train"], "ci95": None},
+    }
+    for name, rec in results["pipelines"].items():
+        out[f"map_{name}"] = {"value": rec["map"]["voc07"], "ci95": None}
+    return out
+
+
+def read_baseline(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ResultsError(f"{path}: baseline file is missing")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ResultsError(f"{path}: not valid JSON (line {err.lineno})") from None
+    metrics = data.get("metrics") if isinstance(data, dict) else None
+    if not isinstance(metrics, dict) or not metrics:
+        raise ResultsError(f"{path}: not a baseline (no 'metrics' mapping)")
+    for name, m in metrics.items():
+        if not isinstance(m, dict) or not {"value", "tolerance"} <= set(m):
+            raise ResultsError(f"{path}: metric {name!r} needs 'value' and 'tolerance'")
+    return data
+
+
+def check(baseline: dict, results: dict) -> list[dict]:
+    """One row per baseline metric: what was measured and whether it passes."""
+    measured = tracked_metrics(results)
+    rows = []
+    for name, base in baseline["metrics"].items():
+        if name not in measured:
+            rows.append(_row(name, base, None, None, None, False, "not in results"))
+            continue
+        m = measured[name]
+        if name.startswith("speedup"):
+            limit = base["value"] * (1 - base["tolerance"])
+            judged = (
+                m["ci95"][1] if m["ci95"] else m["value"]
+            )  # the interval's top, when there is one
+            ok = judged >= limit
+            why = (
+                "" if ok else f"{'95% CI top' if m['ci95'] else 'value'} {judged:.2f} < {limit:.2f}"
+            )
+        else:
+            limit = base["value"] - base["tolerance"]
+            ok = m["value"] >= limit
+            why = "" if ok else f"{m['value']:.3f} < {limit:.3f}"
+        rows.append(_row(name, base, m["value"], m["ci95"], limit, ok, why))
+    return rows
+
+
+def _row(name, base, value, ci95, limit, ok, why) -> dict:
+    return {
+        "metric": name, "baseline": base["value"], "tolerance": base["tolerance"], "value": value,
+        "ci95": ci95, "limit": limit, "ok": ok, "why": why,
+    }  # fmt: skip
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = [
+        f"{'metric':<18} {'baseline':>9} {'tol':>6} {'limit':>8} {'run':>8} {'95% CI':>15}  status"
+    ]
+    for r in rows:
+        ci = f"{r['ci95'][0]:.2f}-{r['ci95'][1]:.2f}" if r["ci95"] else "-"
+        value = f"{r['value']:.3f}" if r["value"] is not None else "-"
+        limit = f"{r['limit']:.3f}" if r["limit"] is not None else "-"
+        status = "ok" if r["ok"] else f"REGRESSION ({r['why']})"
+        lines.append(
+            f"{r['metric']:<18} {r['baseline']:>9.3f} {r['tolerance']:>6.2f} {limit:>8} {value:>8} "
+            f"{ci:>15}  {status}"
+        )
+    return "\n".join(lines)
+
+
+def compare(baseline_path: str | Path, results_path: str | Path) -> int:
+    """Print the table; 0 when every metric passes, 1 on a regression."""
+    baseline = read_baseline(baseline_path)
+    results = read_results(results_path)
+    if baseline.get("config") and baseline["config"] != results["config"].get("name"):
+        raise ResultsError(
+            f"{results_path}: run of config {results['config'].get('name')!r}, "
+            f"baseline {baseline_path} is for {baseline['config']!r}"
+        )
+    rows = check(baseline, results)
+    print(format_rows(rows))
+    failed = [r["metric"] for r in rows if not r["ok"]]
+    print(f"regression in {', '.join(failed)}" if failed else "no regression")
+    return 1 if failed else 0
+
+
+def write_baseline(results_path: str | Path, out: str | Path, note: str = "") -> dict:
+    """Write (or refresh) a baseline from a run; tolerances already in ``out`` are kept."""
+    results = read_results(results_path)
+    out = Path(out)
+    tolerances = dict(DEFAULT_TOLERANCES)
+    old = read_baseline(out) if out.is_file() else None
+    if old:
+        tolerances.update({k: v["tolerance"] for k, v in old["metrics"].items()})
+    metrics = {
+        k: {"value": v["value"], "tolerance": tolerances.get(k, 0.1)}
+        for k, v in tracked_metrics(results).items()
+    }
+    data = {
+        "config": results["config"].get("name"),
+        "source_run": results["run_id"],
+        "commit": results["env"].get("commit"),
+        "device_name": results["env"]["device_name"],
+        "note": note or (old or {}).get("note", ""),
+        "metrics": metrics,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, data)
+    return data

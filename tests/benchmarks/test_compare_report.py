@@ -1,0 +1,137 @@
+"""Regression check and report rendering on a results.json built by a tiny real run (once per module)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from benchmarks.compare import check, compare, read_baseline, write_baseline
+from benchmarks.config import load_config
+from benchmarks.report import render
+from benchmarks.results import ResultsError, write_json
+from benchmarks.run import run
+from tests.benchmarks.test_run import tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = load_config("benchmarks/configs/default.yaml", tiny_overrides(tmp))
+    return run(cfg, "benchmarks/configs/default.yaml")
+
+
+def worse(results: dict, factor: float) -> dict:
+    """A copy whose R-CNN looks ``factor`` times faster: Fast R-CNN's speedup shrinks."""
+    r = copy.deepcopy(results)
+    s = r["speedup"]["inference"]
+    s["value"] /= factor
+    s["ci95"] = [v / factor for v in s["ci95"]]
+    return r
+
+
+def test_compare_passes_on_its_own_run_and_fails_on_a_slower_one(tiny_run, tmp_path, capsys):
+    baseline = tmp_path / "baseline.json"
+    write_baseline(tiny_run, baseline)
+    assert compare(baseline, tiny_run) == 0
+    assert "no regression" in capsys.readouterr().out
+    results = json.loads((tiny_run / "results.json").read_text())
+    bad = tmp_path / "worse.json"
+    write_json(bad, worse(results, 5.0))
+    assert compare(baseline, bad) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSION" in out and "speedup_inference" in out.split("regression in")[-1]
+
+
+def test_gate_uses_the_interval_not_the_point(tiny_run):
+    results = json.loads((tiny_run / "results.json").read_text())
+    base = {"metrics": {"speedup_inference": {"value": 10.0, "tolerance": 0.2}}}
+    r = copy.deepcopy(results)
+    r["speedup"]["inference"] = {
+        "value": 7.0,
+        "ci95": [5.0, 8.5],
+    }  # point below 8, interval reaches it
+    assert check(base, r)[0]["ok"]
+    r["speedup"]["inference"] = {"value": 7.0, "ci95": [6.0, 7.9]}
+    assert not check(base, r)[0]["ok"]
+    base = {"metrics": {"map_rcnn": {"value": 0.6, "tolerance": 0.05}}}
+    r["pipelines"]["rcnn"]["map"]["voc07"] = 0.54
+    assert not check(base, r)[0]["ok"]
+    r["pipelines"]["rcnn"]["map"]["voc07"] = 0.56
+    assert check(base, r)[0]["ok"]
+
+
+def test_bad_baseline_files(tmp_path):
+    path = tmp_path / "b.json"
+    path.write_text('{"metrics": {"speedup_train": {"value": 2}}}')
+    with pytest.raises(
+        ResultsError, match="b.json: metric 'speedup_train' needs 'value' and 'tolerance'"
+    ):
+        read_baseline(path)
+    path.write_text("[]")
+    with pytest.raises(ResultsError, match="not a baseline"):
+        read_baseline(path)
+
+
+def test_shipped_baselines_are_readable():
+    for path in (Path(__file__).resolve().parents[2] / "benchmarks" / "baselines").glob("*.json"):
+        assert read_baseline(path)["metrics"]
+
+
+def test_report_has_every_section(tiny_run, tmp_path):
+    html_path, md_path = tiny_run / "report.html", tiny_run / "report.md"
+    assert html_path.is_file() and md_path.is_file()  # written by the run itself
+    html, md = html_path.read_text(), md_path.read_text()
+    titles = (
+        "Inference time by stage", "Latency distribution", "proposals per image", "Per-class AP",
+        "Precision-recall", "Detections on test images", "Table 4", "Environment", "Config",
+    )  # fmt: skip
+    for title in titles:
+        assert title in html and title in md, title
+    assert html.count("data:image/png;base64,") >= 6 and 'src="figures/' not in html
+    for line in md.splitlines():
+        if line.startswith("!["):
+            assert (tiny_run / line.split("(")[1].rstrip(")")).is_file()
+    # Several runs: the trend appears.
+    second = tmp_path / "second"
+    shutil.copytree(tiny_run, second)
+    data = json.loads((second / "results.json").read_text())
+    data["run_id"] += "-b"
+    write_json(second / "results.json", data)
+    html2, _ = render([tiny_run, second], tmp_path / "out")
+    assert "Trend across runs" in html2.read_text()
+
+
+@pytest.mark.browser
+def test_report_renders_in_a_real_browser(tiny_run, tmp_path):
+    if not shutil.which("chromium"):
+        if os.environ.get("RCNN_BENCH_REQUIRE_BROWSER"):
+            pytest.fail(
+                "chromium is required (RCNN_BENCH_REQUIRE_BROWSER is set) but not installed"
+            )
+        pytest.skip("Debian's chromium is not installed")
+    html = tiny_run / "report.html"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
+    dom = subprocess.run(
+        ["chromium", *flags, "--virtual-time-budget=5000", "--dump-dom", html.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+    marker = dom.split('data-figures-loaded="')[1].split('"')[0]
+    loaded, total = (int(v) for v in marker.split("/"))
+    assert total >= 6 and loaded == total
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        ["chromium", *flags, "--window-size=1200,2400", f"--screenshot={shot}", html.as_uri()],
+        capture_output=True, timeout=120,
+    )  # fmt: skip
+    from matplotlib import image as mpimg
+
+    pixels = mpimg.imread(shot)
+    assert pixels.shape[0] >= 1000 and pixels[..., :3].std() > 0.05  # not a blank page

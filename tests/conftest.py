@@ -1,0 +1,26 @@
+"""Shared fixtures: a tiny synthetic VOC folder (generated once per session) and a tiny run config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datasets.synthetic import SyntheticConfig, generate
+
+TINY_DATA = SyntheticConfig(
+    seed=3, train_images=6, test_images=4, min_size=(64, 80), max_size=(80, 96), max_objects=3,
+    min_side=12, max_side_fraction=0.6,
+)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_voc(tmp_path_factory):
+    """(folder, what the generator wrote) of a 6 + 4 image synthetic VOC folder."""
+    root = tmp_path_factory.mktemp("data") / "tiny"
+    written = generate(root, TINY_DATA)
+    return root, written

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.config import RunConfig
+from benchmarks.run import build_detectors
+from pipelines.backbones import BackboneConfig, build_backbone
+
+
+def test_seeded_init_is_reproducible():
+    a = build_backbone(BackboneConfig(seed=1)).state_dict()
+    b = build_backbone(BackboneConfig(seed=1)).state_dict()
+    c = build_backbone(BackboneConfig(seed=2)).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_both_detectors_start_from_the_same_weights():
+    dets = build_detectors(RunConfig(), num_classes=4, device=torch.device("cpu"))
+    r, f = (d.net.state_dict() for d in dets.values())
+    assert r.keys() == f.keys()
+    assert all(torch.equal(r[k], f[k]) for k in r)
+    assert dets["rcnn"].net is not dets["fast_rcnn"].net  # independent copies
+
+
+@pytest.mark.parametrize("name, pool, size", [("alexnet", 6, 227), ("vgg16", 7, 224)])
+def test_torchvision_backbones_shapes_and_local_weights(tmp_path, name, pool, size):
+    from torchvision import models
+
+    bb = build_backbone(BackboneConfig(name=name))
+    assert bb.pool_size == pool and bb.input_size == size and bb.fc_dim == 4096
+    # torchvision-layout weights from a local file load into trunk and head.
+    net = models.get_model(name, weights=None)
+    path = tmp_path / f"{name}.pt"
+    torch.save(net.state_dict(), path)
+    loaded = build_backbone(BackboneConfig(name=name, weights=str(path)))
+    assert torch.equal(loaded.trunk[0].weight, net.features[0].weight)
+    fc6 = net.classifier[1 if name == "alexnet" else 0]
+    assert torch.equal(
+        [m for m in loaded.head if isinstance(m, torch.nn.Linear)][0].weight, fc6.weight
+    )
+
+
+def test_tiny_trunk_has_stride_16():
+    bb = build_backbone(BackboneConfig())
+    assert bb.trunk(torch.zeros(1, 3, 64, 96)).shape[2:] == (4, 6)
+
+
+def test_bad_weights_file(tmp_path):
+    with pytest.raises(ValueError, match="missing.pt: backbone weights file is missing"):
+        build_backbone(BackboneConfig(weights=str(tmp_path / "missing.pt")))
+    bad = tmp_path / "other.pt"
+    torch.save({"trunk.0.weight": torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match="other.pt: weights do not fit this backbone"):
+        build_backbone(BackboneConfig(weights=str(bad)))
