@@ -52,11 +52,15 @@ class VOCEvaluator:
     Args:
         classes: class names; labels are index + 1.
         iou: the overlap a true positive needs (0.5).
+        strict_iou: a second, stricter overlap also reported (0.7), where box regression shows.
     """
 
-    def __init__(self, classes: tuple[str, ...] | list[str], iou: float = 0.5):
+    def __init__(
+        self, classes: tuple[str, ...] | list[str], iou: float = 0.5, strict_iou: float = 0.7
+    ):
         self.classes = tuple(classes)
         self.iou = iou
+        self.strict_iou = strict_iou
         self.reset()
 
     def reset(self) -> None:
@@ -78,7 +82,7 @@ class VOCEvaluator:
             rec.image.append(index)
             rec.boxes.append(box)
 
-    def _pr(self, j: int) -> tuple[np.ndarray, np.ndarray, int]:
+    def _pr(self, j: int, iou: float) -> tuple[np.ndarray, np.ndarray, int]:
         label = j + 1
         gt = [(a.boxes[a.labels == label], a.difficult[a.labels == label]) for a in self._gt]
         npos = int(sum((~d).sum() for _, d in gt))
@@ -94,7 +98,7 @@ class VOCEvaluator:
                 continue
             ious = box_iou(torch.from_numpy(rec.boxes[d][None]), torch.from_numpy(boxes))[0].numpy()
             best = int(ious.argmax())
-            if ious[best] < self.iou:
+            if ious[best] < iou:
                 fp[rank] = 1
             elif difficult[best]:
                 continue
@@ -112,25 +116,26 @@ class VOCEvaluator:
         """Per-class and mean AP.
 
         Returns:
-            {"voc07": mean 11-point AP, "area": mean area AP, "per_class": {name: {"voc07", "area",
-            "num_gt", "num_det"}}, "pr": {name: {"recall": [...], "precision": [...]}}}; a class
-            without ground truth has None for its APs.
+            {"voc07": mean 11-point AP, "area": mean area AP, "voc07_strict": mean 11-point AP at
+            the stricter ``strict_iou`` (a localisation check), "per_class": {name: {"voc07", "area",
+            "voc07_strict", "num_gt", "num_det"}}, "pr": {name: {"recall": [...], "precision":
+            [...]}}}; a class without ground truth has None for its APs.
         """
         per_class, pr = {}, {}
         for j, name in enumerate(self.classes):
-            recall, precision, npos = self._pr(j)
+            recall, precision, npos = self._pr(j, self.iou)
+            strict_recall, strict_precision, _ = self._pr(j, self.strict_iou)
             has_gt = npos > 0
             per_class[name] = {
                 "voc07": voc07_ap(recall, precision) if has_gt else None,
                 "area": area_ap(recall, precision) if has_gt else None,
+                "voc07_strict": voc07_ap(strict_recall, strict_precision) if has_gt else None,
                 "num_gt": npos,
                 "num_det": len(self._dets[j].scores),
             }
             pr[name] = {"recall": recall.tolist(), "precision": precision.tolist()}
         scored = [v for v in per_class.values() if v["voc07"] is not None]
         return {
-            "voc07": float(np.mean([v["voc07"] for v in scored])) if scored else 0.0,
-            "area": float(np.mean([v["area"] for v in scored])) if scored else 0.0,
-            "per_class": per_class,
-            "pr": pr,
-        }
+            key: float(np.mean([v[key] for v in scored])) if scored else 0.0
+            for key in ("voc07", "area", "voc07_strict")
+        } | {"strict_iou": self.strict_iou, "per_class": per_class, "pr": pr}

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -61,6 +65,21 @@ class PeakMemory:
             self.peak_bytes = max(0, self._peak - self._start)
 
 
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for a moment (C++ logging bypasses sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def allocation_peak(fn, device: torch.device) -> tuple[int, str]:
     """Peak bytes of tensors ``fn()`` holds at once, and how that was measured.
 
@@ -74,8 +93,14 @@ def allocation_peak(fn, device: torch.device) -> tuple[int, str]:
         return mem.peak_bytes, mem.method
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # the CUDA build's profiler logs its start to fd 2 on a CPU-only machine
+        prof.__enter__()
+    try:
         fn()
+    finally:
+        with _quiet_stderr():
+            prof.__exit__(None, None, None)
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
     running = peak = 0
     for event in events:

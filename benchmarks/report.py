@@ -277,6 +277,7 @@ def _pipeline_table(results: dict) -> pd.DataFrame:
             "peak MiB": f"{rec['peak_memory_bytes'] / 2**20:.0f}",
             "VOC07 mAP": f"{rec['map']['voc07']:.3f}",
             "area mAP": f"{rec['map']['area']:.3f}",
+            "mAP@0.7": f"{rec['map']['voc07_strict']:.3f}",
         }
         for variant, v in rec.get("variants", {}).items():
             rows[f"{_label(name)}: {variant}"] = {
@@ -284,6 +285,7 @@ def _pipeline_table(results: dict) -> pd.DataFrame:
                 "p90": f"{v['ms_per_image']['p90']:.1f}",
                 "VOC07 mAP": f"{v['map']['voc07']:.3f}",
                 "area mAP": f"{v['map']['area']:.3f}",
+                "mAP@0.7": f"{v['map']['voc07_strict']:.3f}",
             }
     return pd.DataFrame(rows).T.fillna("")
 

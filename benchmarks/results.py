@@ -22,7 +22,7 @@ REQUIRED = (
     "pipelines.*.inference.ms_per_image.mean", "pipelines.*.inference.samples_ms",
     "pipelines.*.inference.stages_ms", "pipelines.*.inference.end_to_end_ms_per_image",
     "pipelines.*.inference.flops_per_image", "pipelines.*.map.voc07", "pipelines.*.map.area",
-    "pipelines.*.map.per_class", "pipelines.*.peak_memory_bytes",
+    "pipelines.*.map.voc07_strict", "pipelines.*.map.per_class", "pipelines.*.peak_memory_bytes",
     "pipelines.rcnn.feature_cache_bytes",
     "speedup.train", "speedup.inference.value", "speedup.inference.ci95", "speedup.end_to_end",
     "sweep.proposals", "sweep.ms",

@@ -38,6 +38,7 @@ class SyntheticConfig:
     difficult_visible: float = 0.55  # ... and objects with less than this fraction visible
     max_overlap_iou: float = 0.35  # objects never overlap more than this
     shadow: float = 0.55  # how much each object's cast shadow darkens the background (0: none)
+    two_tone: float = 0.5  # share of objects painted in two colours, which segment as two parts
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -130,7 +131,13 @@ def _draw_image(
         _cast_shadow(image, mask, x1, y1, rng, cfg.shadow)
         shade = np.linspace(-25, 25, bh, dtype=np.float32)[:, None, None] * rng.uniform(-1, 1)
         patch = image[y1 : y1 + bh, x1 : x1 + bw]
-        patch[mask] = (colour + shade + rng.normal(0, 8, size=(bh, bw, 3)))[mask]
+        paint = np.broadcast_to(colour, (bh, bw, 3)).copy()
+        if rng.uniform() < cfg.two_tone:  # a second colour on one side of a random cut: parts
+            if rng.uniform() < 0.5:
+                paint[:, int(bw * rng.uniform(0.35, 0.65)) :] = rng.uniform(0, 255, size=3)
+            else:
+                paint[int(bh * rng.uniform(0.35, 0.65)) :, :] = rng.uniform(0, 255, size=3)
+        patch[mask] = (paint + shade + rng.normal(0, 8, size=(bh, bw, 3)))[mask]
         owner[y1 : y1 + bh, x1 : x1 + bw][mask] = len(boxes)
         boxes.append(box)
         labels.append(label)

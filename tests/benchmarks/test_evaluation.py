@@ -93,3 +93,10 @@ def test_low_iou_is_false_positive_and_bad_label():
     assert ev.evaluate()["voc07"] == 0.0
     with pytest.raises(ValueError, match="label 2 outside 1..1"):
         ev.process(ann([[0, 0, 10, 10]], [1]), dets([[0, 0, 10, 10]], [0.9], [2]))
+
+
+def test_strict_iou_counts_a_loose_box_only_at_the_lower_threshold():
+    ev = VOCEvaluator(["a"], iou=0.5, strict_iou=0.7)
+    ev.process(ann([[0, 0, 10, 10]], [1]), dets([[0, 0, 10, 6]], [0.9], [1]))  # IoU 0.6
+    r = ev.evaluate()
+    assert r["voc07"] == pytest.approx(1.0) and r["voc07_strict"] == 0.0 and r["strict_iou"] == 0.7
