@@ -67,9 +67,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     if args.write_baseline:
         data = write_baseline(args.results, args.baseline)
-        print(f"wrote baseline {args.baseline} from run {data['source_run']}")
+        print(f"wrote baseline {args.baseline} from {len(data['source_runs'])} run(s)")
         return 0
-    return compare(args.baseline, args.results)
+    if len(args.results) != 1:
+        raise ValueError("compare checks one run at a time (several are for --write-baseline)")
+    return compare(args.baseline, args.results[0])
 
 
 def parser() -> argparse.ArgumentParser:
@@ -103,10 +105,12 @@ def parser() -> argparse.ArgumentParser:
         "compare", help="check a results.json against a baseline; non-zero on regression"
     )
     c.add_argument("baseline", help="baseline JSON (benchmarks/baselines/<config>.json)")
-    c.add_argument("results", help="a results.json or a run folder")
+    c.add_argument(
+        "results", nargs="+", help="a results.json or a run folder (several with --write-baseline)"
+    )
     c.add_argument(
         "--write-baseline", action="store_true",
-        help="instead of checking, write BASELINE from RESULTS (tolerances already there are kept)",
+        help="instead of checking, write BASELINE from the mean of RESULTS (tolerances there are kept)",
     )  # fmt: skip
     c.set_defaults(func=_cmd_compare)
     return p

@@ -9,18 +9,20 @@ Ratios measured within one run are gated (absolute times differ from machine to 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from benchmarks.results import ResultsError, read_results, write_json
+from benchmarks.results import ResultsError, read_json, read_results, write_json
 
 __all__ = ["compare", "tracked_metrics", "check", "write_baseline"]
 
+# Set from three runs of ci.yaml on a 2-core CPU (benchmarks/NOTES.md): the inference speedup's point
+# value moved 4% and its interval top never fell below 14.5 (baseline 10.7); the training speedup moved
+# 15%; each mAP moved by up to 0.08 (training is not bit-reproducible on CPU).
 DEFAULT_TOLERANCES = {
     "speedup_inference": 0.30,
     "speedup_train": 0.35,
-    "map_rcnn": 0.10,
-    "map_fast_rcnn": 0.10,
+    "map_rcnn": 0.12,
+    "map_fast_rcnn": 0.12,
 }
 
 
@@ -38,13 +40,8 @@ def tracked_metrics(results: dict) -> dict[str, dict]:
 
 def read_baseline(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise ResultsError(f"{path}: baseline file is missing")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ResultsError(f"{path}: not valid JSON (line {err.lineno})") from None
-    metrics = data.get("metrics") if isinstance(data, dict) else None
+    data = read_json(path, "baseline")
+    metrics = data.get("metrics")
     if not isinstance(metrics, dict) or not metrics:
         raise ResultsError(f"{path}: not a baseline (no 'metrics' mapping)")
     for name, m in metrics.items():
@@ -118,23 +115,35 @@ def compare(baseline_path: str | Path, results_path: str | Path) -> int:
     return 1 if failed else 0
 
 
-def write_baseline(results_path: str | Path, out: str | Path, note: str = "") -> dict:
-    """Write (or refresh) a baseline from a run; tolerances already in ``out`` are kept."""
-    results = read_results(results_path)
+def write_baseline(results_paths: list[str | Path], out: str | Path, note: str = "") -> dict:
+    """Write (or refresh) a baseline from one or more runs of one config: each metric's value is the
+    mean over the runs and its spread (min, max) is recorded beside it; tolerances already in ``out``
+    are kept."""
+    runs = [read_results(p) for p in results_paths]
+    configs = {r["config"].get("name") for r in runs}
+    if len(configs) != 1:
+        raise ResultsError(
+            f"{out}: a baseline takes runs of one config, got {sorted(map(str, configs))}"
+        )
     out = Path(out)
     tolerances = dict(DEFAULT_TOLERANCES)
     old = read_baseline(out) if out.is_file() else None
     if old:
         tolerances.update({k: v["tolerance"] for k, v in old["metrics"].items()})
-    metrics = {
-        k: {"value": v["value"], "tolerance": tolerances.get(k, 0.1)}
-        for k, v in tracked_metrics(results).items()
-    }
+    measured = [tracked_metrics(r) for r in runs]
+    metrics = {}
+    for name in measured[0]:
+        values = [m[name]["value"] for m in measured]
+        metrics[name] = {
+            "value": sum(values) / len(values),
+            "tolerance": tolerances.get(name, 0.1),
+            "spread": [min(values), max(values)],
+        }
     data = {
-        "config": results["config"].get("name"),
-        "source_run": results["run_id"],
-        "commit": results["env"].get("commit"),
-        "device_name": results["env"]["device_name"],
+        "config": configs.pop(),
+        "source_runs": [r["run_id"] for r in runs],
+        "commit": runs[-1]["env"].get("commit"),
+        "device_name": runs[-1]["env"]["device_name"],
         "note": note or (old or {}).get("note", ""),
         "metrics": metrics,
     }

@@ -6,7 +6,15 @@ import json
 import math
 from pathlib import Path
 
-__all__ = ["SCHEMA_VERSION", "REQUIRED", "validate", "write_json", "read_results", "append_history"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "REQUIRED",
+    "validate",
+    "write_json",
+    "read_json",
+    "read_results",
+    "append_history",
+]
 
 SCHEMA_VERSION = 1
 
@@ -82,19 +90,25 @@ def _default(value):
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-def read_results(path: str | Path) -> dict:
-    """Read and validate a results.json (or a run folder holding one)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "results.json"
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; ResultsError naming the file when it is missing or not JSON."""
     if not path.is_file():
-        raise ResultsError(f"{path}: results file is missing")
+        raise ResultsError(f"{path}: {what} file is missing")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ResultsError(f"{path}: not valid JSON (line {err.lineno})") from None
     if not isinstance(data, dict):
-        raise ResultsError(f"{path}: not a results file")
+        raise ResultsError(f"{path}: not a {what} file")
+    return data
+
+
+def read_results(path: str | Path) -> dict:
+    """Read and validate a results.json (or a run folder holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    data = read_json(path, "results")
     validate(data, str(path))
     return data
 

@@ -81,7 +81,6 @@ class Detector(abc.ABC):
     def fit(self, data: TrainData, timer: StageTimer) -> dict:
         """Train on ``data``; returns facts to record (counts, sizes), stage times go to ``timer``."""
 
-    @abc.abstractmethod
     def detect(
         self, image: Tensor, proposals: Tensor, timer: StageTimer, variant: str | None = None
     ) -> Detections:
@@ -89,10 +88,22 @@ class Detector(abc.ABC):
 
         Args:
             image: Tensor[H, W, 3] uint8 RGB, already on the device.
-            proposals: Tensor[R, 4] float xyxy in image pixels, on the device (R may be 0).
+            proposals: Tensor[R, 4] float xyxy in image pixels, on the device (R may be 0: no
+                detections).
             timer: receives the inference stages.
             variant: one of ``variants``, or None for the default model.
         """
+        if variant not in (None, *self.variants):
+            raise ValueError(f"{self.name} has no test-time variant {variant!r}")
+        if proposals.shape[0] == 0:
+            return Detections.empty()
+        return self._detect(image, proposals, timer, variant)
+
+    @abc.abstractmethod
+    def _detect(
+        self, image: Tensor, proposals: Tensor, timer: StageTimer, variant: str | None
+    ) -> Detections:
+        """``detect`` for a valid variant and at least one proposal."""
 
     @abc.abstractmethod
     def paper_schedule(self, stages_s: dict[str, float]) -> dict:

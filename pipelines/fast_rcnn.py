@@ -228,24 +228,14 @@ class FastRCNN(Detector):
         return labels, boxes, targets
 
     def paper_schedule(self, stages_s: dict[str, float]) -> dict:
-        s = self.cfg.solver
-        seconds = stages_s["train"] * s.paper_iters / s.iters
-        return {
-            "iterations_run": s.iters,
-            "paper_iterations": s.paper_iters,
-            "hours": seconds / 3600,
-        }
+        return self.cfg.solver.paper_schedule(stages_s["train"], stages_s.get("svd", 0.0))
 
     # -- inference --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def detect(
-        self, image: Tensor, proposals: Tensor, timer: StageTimer, variant: str | None = None
+    def _detect(
+        self, image: Tensor, proposals: Tensor, timer: StageTimer, variant: str | None
     ) -> Detections:
-        if variant not in (None, *self.variants):
-            raise ValueError(f"fast_rcnn has no variant {variant!r}")
-        if proposals.shape[0] == 0:
-            return Detections.empty()
         cfg = self.cfg
         head = self.svd_head if variant == "svd" else self.net.head
         with timer.stage("preprocess"):

@@ -100,13 +100,18 @@ class RCNN(Detector):
         return warp_regions(image, boxes, self.net.input_size, self.cfg.context_pad)
 
     @torch.no_grad()
-    def _features(self, image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
-        """fc7 (R, D) and flattened pool5 (R, C*P*P) of every box of one normalized image."""
+    def _features(self, image: Tensor, boxes: Tensor, timer: StageTimer) -> tuple[Tensor, Tensor]:
+        """fc7 (R, D) and flattened pool5 (R, C*P*P) of every box of one normalized image, in chunks
+        of ``region_batch`` regions; ``timer`` gets the warp, conv and fc stages."""
         fc7, pool5 = [], []
         for chunk in boxes.split(self.cfg.region_batch):
-            p5 = self._pool5(self._warp(image, chunk))
+            with timer.stage("warp"):
+                regions = self._warp(image, chunk)
+            with timer.stage("conv"):
+                p5 = self._pool5(regions)
+            with timer.stage("fc"):
+                fc7.append(self.net(p5))
             pool5.append(p5.flatten(1))
-            fc7.append(self.net(p5))
         if not fc7:
             d5 = self.net.channels * self.net.pool_size**2
             return image.new_zeros((0, self.net.fc_dim)), image.new_zeros((0, d5))
@@ -192,7 +197,7 @@ class RCNN(Detector):
         norm7 = norm5 = 0.0
         for i in tqdm(range(len(rois)), desc="rcnn features", unit="img", mininterval=1.0):
             image = normalize_image(torch.from_numpy(data.images[i]).to(self.device))
-            fc7, pool5 = self._features(image, rois[i].to(self.device))
+            fc7, pool5 = self._features(image, rois[i].to(self.device), StageTimer(self.device))
             fc7, pool5 = fc7.cpu(), pool5.cpu()
             fc7_file[offsets[i] : offsets[i + 1]] = fc7.numpy().astype(np.float16)
             norm7 += float(fc7.norm(dim=1).sum())
@@ -257,44 +262,25 @@ class RCNN(Detector):
         ).to(self.device)  # fmt: skip
 
     def paper_schedule(self, stages_s: dict[str, float]) -> dict:
-        s = self.cfg.solver
-        seconds = stages_s["finetune"] * s.paper_iters / s.iters + sum(
-            v for name, v in stages_s.items() if name != "finetune"
-        )
-        return {
-            "iterations_run": s.iters,
-            "paper_iterations": s.paper_iters,
-            "hours": seconds / 3600,
-        }
+        other = sum(v for name, v in stages_s.items() if name != "finetune")
+        return self.cfg.solver.paper_schedule(stages_s["finetune"], other)
 
     # -- inference --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def detect(
-        self, image: Tensor, proposals: Tensor, timer: StageTimer, variant: str | None = None
+    def _detect(
+        self, image: Tensor, proposals: Tensor, timer: StageTimer, variant: str | None
     ) -> Detections:
-        if variant not in (None, *self.variants):
-            raise ValueError(f"rcnn has no variant {variant!r}")
-        if proposals.shape[0] == 0:
-            return Detections.empty()
         with timer.stage("preprocess"):
             x = normalize_image(image)
-        fc7_parts, pool5_parts = [], []
-        for chunk in proposals.split(self.cfg.region_batch):
-            with timer.stage("warp"):
-                regions = self._warp(x, chunk)
-            with timer.stage("conv"):
-                p5 = self._pool5(regions)
-            with timer.stage("fc"):
-                fc7_parts.append(self.net(p5))
-            pool5_parts.append(p5.flatten(1))
+        fc7, pool5 = self._features(x, proposals, timer)
         with timer.stage("classifier"):
-            scores = (torch.cat(fc7_parts) * self.fc7_scale) @ self.svm_w + self.svm_b  # (R, K)
+            scores = (fc7 * self.fc7_scale) @ self.svm_w + self.svm_b  # (R, K)
             rows, cls = candidates(scores, self.cfg.score_thresh)
         with timer.stage("bbox_reg"):
             boxes = proposals[rows]
             if variant != "no_bbox_reg":
-                feats = torch.cat(pool5_parts)[rows] * self.pool5_scale
+                feats = pool5[rows] * self.pool5_scale
                 boxes = self.regressors.predict(feats, boxes, cls)
         with timer.stage("nms"):
             size = (image.shape[0], image.shape[1])

@@ -61,6 +61,7 @@ def _fit(
         class_weight={1: cfg.pos_weight, -1: 1.0},
         intercept_scaling=cfg.bias_scale,
         max_iter=cfg.max_iter,
+        random_state=0,  # liblinear's dual solver visits examples in a random order
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)

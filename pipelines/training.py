@@ -29,6 +29,16 @@ class SolverConfig:
         if self.iters < 1 or self.lr <= 0:
             raise ValueError("solver.iters must be >= 1 and solver.lr > 0")
 
+    def paper_schedule(self, sgd_seconds: float, other_seconds: float = 0.0) -> dict:
+        """Training hours had the SGD stage run ``paper_iters`` instead of ``iters`` iterations:
+        sgd_seconds * paper_iters / iters + other_seconds (stages that do not scale with iterations)."""
+        seconds = sgd_seconds * self.paper_iters / self.iters + other_seconds
+        return {
+            "iterations_run": self.iters,
+            "paper_iterations": self.paper_iters,
+            "hours": seconds / 3600,
+        }
+
 
 def run_sgd(
     params: Iterable[nn.Parameter],

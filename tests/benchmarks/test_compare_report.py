@@ -37,7 +37,7 @@ def worse(results: dict, factor: float) -> dict:
 
 def test_compare_passes_on_its_own_run_and_fails_on_a_slower_one(tiny_run, tmp_path, capsys):
     baseline = tmp_path / "baseline.json"
-    write_baseline(tiny_run, baseline)
+    write_baseline([tiny_run], baseline)
     assert compare(baseline, tiny_run) == 0
     assert "no regression" in capsys.readouterr().out
     results = json.loads((tiny_run / "results.json").read_text())
@@ -46,6 +46,20 @@ def test_compare_passes_on_its_own_run_and_fails_on_a_slower_one(tiny_run, tmp_p
     assert compare(baseline, bad) == 1
     out = capsys.readouterr().out
     assert "REGRESSION" in out and "speedup_inference" in out.split("regression in")[-1]
+
+
+def test_baseline_is_the_mean_of_several_runs(tiny_run, tmp_path):
+    results = json.loads((tiny_run / "results.json").read_text())
+    other = copy.deepcopy(results)
+    other["run_id"] += "-b"
+    other["speedup"]["train"] = results["speedup"]["train"] + 1.0
+    path = tmp_path / "other.json"
+    write_json(path, other)
+    data = write_baseline([tiny_run, path], tmp_path / "b.json")
+    m = data["metrics"]["speedup_train"]
+    assert m["value"] == pytest.approx(results["speedup"]["train"] + 0.5)
+    assert m["spread"] == [results["speedup"]["train"], results["speedup"]["train"] + 1.0]
+    assert data["source_runs"] == [results["run_id"], other["run_id"]]
 
 
 def test_gate_uses_the_interval_not_the_point(tiny_run):
@@ -74,6 +88,9 @@ def test_bad_baseline_files(tmp_path):
     ):
         read_baseline(path)
     path.write_text("[]")
+    with pytest.raises(ResultsError, match="not a baseline file"):
+        read_baseline(path)
+    path.write_text('{"metrics": {}}')
     with pytest.raises(ResultsError, match="not a baseline"):
         read_baseline(path)
 
