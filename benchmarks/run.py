@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import os
 import time
@@ -81,6 +82,15 @@ def build_detectors(cfg: RunConfig, num_classes: int, device: torch.device) -> d
     }
 
 
+def weights_sha1(module: torch.nn.Module) -> str:
+    """Hash of a module's parameters and buffers, to show both detectors start from the same weights."""
+    digest = hashlib.sha1()
+    for key, value in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def sweep_boxes(boxes: np.ndarray, n: int, size: tuple[int, int], seed: int) -> np.ndarray:
     """Exactly ``n`` proposals for the sweep: the first n, or all of them padded with jittered copies
     (each shifted and scaled by up to 10% and clipped to the image) when there are fewer."""
@@ -149,6 +159,9 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path:
 
     # -- training ---------------------------------------------------------------------------------
     detectors = build_detectors(cfg, train_ds.num_classes, device)
+    init_hashes = {name: weights_sha1(det.net) for name, det in detectors.items()}
+    if len(set(init_hashes.values())) != 1:
+        raise RuntimeError(f"detectors start from different backbone weights: {init_hashes}")
     records: dict[str, dict] = {}
     for name, det in detectors.items():
         log(f"training {name}")
@@ -336,6 +349,7 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path:
             "alternating": True,
             "batch_size": 1,
         },
+        "backbone": {"name": cfg.backbone.name, "init_weights_sha1": init_hashes[BASELINE]},
         "pipelines": records,
         "speedup": speedup,
         "sweep": sweep,

@@ -39,6 +39,7 @@ def test_tiny_end_to_end_run_writes_valid_results(tmp_path):
     results = read_results(run_dir)
     assert (tmp_path / "reports" / "latest").resolve() == run_dir.resolve()
     assert results["dataset"]["train_images"] == 5 and results["timing"]["timed_images"] == 3
+    assert len(results["backbone"]["init_weights_sha1"]) == 40
     for name in ("rcnn", "fast_rcnn"):
         rec = results["pipelines"][name]
         assert rec["inference"]["ms_per_image"]["median"] > 0

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from benchmarks.config import RunConfig
-from benchmarks.run import build_detectors
+from benchmarks.run import build_detectors, weights_sha1
 from pipelines.backbones import BackboneConfig, build_backbone
 
 
@@ -22,6 +22,7 @@ def test_both_detectors_start_from_the_same_weights():
     assert r.keys() == f.keys()
     assert all(torch.equal(r[k], f[k]) for k in r)
     assert dets["rcnn"].net is not dets["fast_rcnn"].net  # independent copies
+    assert weights_sha1(dets["rcnn"].net) == weights_sha1(dets["fast_rcnn"].net)
 
 
 @pytest.mark.parametrize("name, pool, size", [("alexnet", 6, 227), ("vgg16", 7, 224)])
