@@ -2,7 +2,7 @@
 
 Conventions (shared/DESIGN.md): boxes are (x1, y1, x2, y2) in 0-based pixels, width = x2 - x1;
 RoIs for pooling are (K, 5) with the image index in column 0; image sizes are (H, W).
-Names say all-pairs versus row-by-row: ``box_iou`` gives (N, M), ``matched_iou`` gives (N,).
+``box_iou`` is all-pairs: it gives (N, M).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from torchvision.ops import box_iou as _tv_box_iou
 
 __all__ = [
     "box_iou",
-    "matched_iou",
     "encode_deltas",
     "decode_deltas",
     "clip_boxes",
@@ -40,25 +39,6 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     if boxes1.numel() == 0 or boxes2.numel() == 0:
         return boxes1.new_zeros((boxes1.shape[0], boxes2.shape[0]))
     return _tv_box_iou(boxes1, boxes2)
-
-
-def matched_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Row-by-row IoU of boxes1[i] with boxes2[i].
-
-    Args:
-        boxes1 (Tensor[N, 4]): xyxy boxes.
-        boxes2 (Tensor[N, 4]): xyxy boxes, same N.
-
-    Returns:
-        Tensor[N]: IoU of each pair.
-    """
-    lt = torch.maximum(boxes1[:, :2], boxes2[:, :2])
-    rb = torch.minimum(boxes1[:, 2:], boxes2[:, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[:, 0] * wh[:, 1]
-    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
-    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
-    return inter / (area1 + area2 - inter).clamp(min=1e-12)
 
 
 def _centres(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

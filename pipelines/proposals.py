@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from datasets.voc import DatasetError, VOCDataset, read_image
-from pipelines.boxes import box_iou
+from pipelines.boxes import box_iou, clip_boxes, min_side_keep, unique_boxes
 
 __all__ = [
     "ProposalConfig",
@@ -120,15 +120,11 @@ def selective_search(image: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
         ss.switchToSelectiveSearchFast()
     else:
         ss.switchToSelectiveSearchQuality()
-    rects = ss.process().astype(np.float32).reshape(-1, 4)  # (x, y, w, h) in the small image
-    boxes = np.concatenate((rects[:, :2], rects[:, :2] + rects[:, 2:]), axis=1) / scale
-    boxes = np.clip(np.round(boxes, 2), 0, [w, h, w, h]).astype(np.float32)
-    keep = ((boxes[:, 2] - boxes[:, 0]) >= cfg.min_side) & (
-        (boxes[:, 3] - boxes[:, 1]) >= cfg.min_side
-    )
-    boxes = boxes[keep]
-    _, first = np.unique(boxes, axis=0, return_index=True)
-    return boxes[np.sort(first)][: cfg.max_proposals]
+    rects = torch.from_numpy(ss.process().astype(np.float32).reshape(-1, 4))  # (x, y, w, h), small
+    boxes = torch.cat((rects[:, :2], rects[:, :2] + rects[:, 2:]), dim=1) / scale
+    boxes = clip_boxes(torch.round(boxes * 100) / 100, (h, w))
+    boxes = boxes[min_side_keep(boxes, cfg.min_side)]
+    return boxes[unique_boxes(boxes)][: cfg.max_proposals].numpy()
 
 
 def _worker(args: tuple[str, ProposalConfig]) -> tuple[np.ndarray, float]:

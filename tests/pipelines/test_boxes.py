@@ -11,7 +11,6 @@ from pipelines.boxes import (
     decode_deltas,
     encode_deltas,
     flip_boxes,
-    matched_iou,
     min_side_keep,
     unique_boxes,
 )  # fmt: skip
@@ -21,7 +20,6 @@ def test_iou_hand_computed():
     a = torch.tensor([[0.0, 0, 10, 10]])
     b = torch.tensor([[5.0, 0, 15, 10], [0, 0, 10, 10], [20, 20, 30, 30]])
     assert_close(box_iou(a, b), torch.tensor([[50 / 150, 1.0, 0.0]]))
-    assert_close(matched_iou(a.repeat(3, 1), b), torch.tensor([50 / 150, 1.0, 0.0]))
 
 
 def test_iou_empty_sides():
