@@ -119,6 +119,17 @@ def _timed_detect(det: Detector, image, boxes, device, variant=None):
     )
 
 
+def _mean_stages(per_image: list[dict[str, float]]) -> dict[str, float]:
+    """Mean ms of each stage over the timed images (a stage an image skipped counts as 0)."""
+    names = sorted({k for stages in per_image for k in stages})
+    return {k: float(np.mean([stages.get(k, 0.0) for stages in per_image])) for k in names}
+
+
+def _map_record(result: dict) -> dict:
+    """The AP figures results.json keeps from an evaluation (the PR curves are kept apart)."""
+    return {k: result[k] for k in ("voc07", "area", "voc07_strict", "strict_iou", "per_class")}
+
+
 def _run_id(name: str) -> str:
     return f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{name}"
 
@@ -227,18 +238,13 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path:
     proposal_ms = prop_stats["seconds_per_image"] * 1000
     for name in detectors:
         result = evaluators[name].evaluate()
-        stage_names = sorted({k for s in stage_samples[name] for k in s})
         records[name]["inference"] = {
             "ms_per_image": summarize(samples[name]),
             "samples_ms": samples[name],
-            "stages_ms": {
-                k: float(np.mean([s.get(k, 0.0) for s in stage_samples[name]])) for k in stage_names
-            },
+            "stages_ms": _mean_stages(stage_samples[name]),
             "end_to_end_ms_per_image": float(np.median(samples[name])) + proposal_ms,
         }
-        records[name]["map"] = {
-            k: result[k] for k in ("voc07", "area", "voc07_strict", "strict_iou", "per_class")
-        }
+        records[name]["map"] = _map_record(result)
         records[name]["pr"] = result["pr"]
 
     # -- test-time variants (R-CNN without box regression, Fast R-CNN with truncated SVD) ----------
@@ -255,17 +261,10 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path:
                 if i in timed:
                     ms_list.append(ms)
                     stage_list.append(stages)
-            result = ev.evaluate()
             records[name]["variants"][variant] = {
-                "map": {
-                    k: result[k]
-                    for k in ("voc07", "area", "voc07_strict", "strict_iou", "per_class")
-                },
+                "map": _map_record(ev.evaluate()),
                 "ms_per_image": summarize(ms_list),
-                "stages_ms": {
-                    k: float(np.mean([s.get(k, 0.0) for s in stage_list]))
-                    for k in sorted({k for s in stage_list for k in s})
-                },
+                "stages_ms": _mean_stages(stage_list),
             }
 
     # -- FLOPs (counted by torch's FLOP counter on one image) and peak memory ------------------------
