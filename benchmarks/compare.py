@@ -15,9 +15,9 @@ from benchmarks.results import ResultsError, read_json, read_results, write_json
 
 __all__ = ["compare", "tracked_metrics", "check", "write_baseline"]
 
-# Set from three runs of ci.yaml on a 2-core CPU (benchmarks/NOTES.md): the inference speedup's point
-# value moved 4% and its interval top never fell below 14.5 (baseline 10.7); the training speedup moved
-# 15%; each mAP moved by up to 0.08 (training is not bit-reproducible on CPU).
+# Set from runs of ci.yaml on a 2-core CPU (benchmarks/NOTES.md): the inference speedup's point value
+# moved 3% and its interval top never fell below 12.1 (baseline 10.6); the training speedup moved 15%;
+# each mAP moved by up to 0.08 (training is not bit-reproducible on CPU).
 DEFAULT_TOLERANCES = {
     "speedup_inference": 0.30,
     "speedup_train": 0.35,
@@ -61,9 +61,8 @@ def check(baseline: dict, results: dict) -> list[dict]:
         m = measured[name]
         if name.startswith("speedup"):
             limit = base["value"] * (1 - base["tolerance"])
-            judged = (
-                m["ci95"][1] if m["ci95"] else m["value"]
-            )  # the interval's top, when there is one
+            # The interval's top when there is one: noise alone must not fail the build.
+            judged = m["ci95"][1] if m["ci95"] else m["value"]
             ok = judged >= limit
             why = (
                 "" if ok else f"{'95% CI top' if m['ci95'] else 'value'} {judged:.2f} < {limit:.2f}"

@@ -28,7 +28,7 @@ from pipelines.backbones import Backbone
 from pipelines.bbox_regression import BoxRegressors, fit_box_regressors
 from pipelines.boxes import box_iou
 from pipelines.detector import Detections, Detector, TrainData, candidates, normalize_image, select
-from pipelines.sampling import match, sample_fg_bg, with_ground_truth
+from pipelines.sampling import Matches, match, sample_fg_bg, with_ground_truth
 from pipelines.svm import SVMConfig, train_svms
 from pipelines.timing import StageTimer
 from pipelines.training import SolverConfig, run_sgd
@@ -120,17 +120,18 @@ class RCNN(Detector):
     # -- training ---------------------------------------------------------------------------------
 
     def fit(self, data: TrainData, timer: StageTimer) -> dict:
-        rois, gts = [], []
+        rois, gts, matches = [], [], []
         for i, props in enumerate(data.proposals):
             gt_boxes, gt_labels = data.ground_truth(i)
             rois.append(with_ground_truth(torch.from_numpy(props), gt_boxes))
             gts.append((gt_boxes, gt_labels))
+            matches.append(match(rois[i], gt_boxes, gt_labels, self.cfg.fg_iou))
         with timer.stage("finetune"):
-            losses = self._finetune(data, rois, gts)
+            losses = self._finetune(data, rois, matches)
         work = self.cache_dir / f"rcnn-features-{id(self):x}"
         try:
             with timer.stage("features"):
-                cache = self._cache_features(data, rois, gts, work)
+                cache = self._cache_features(data, rois, gts, matches, work)
             with timer.stage("svm"):
                 records = self._train_svms(cache)
             with timer.stage("bbox_reg"):
@@ -147,12 +148,11 @@ class RCNN(Detector):
             "bbox_examples": self.regressors.examples,
         }
 
-    def _finetune(self, data: TrainData, rois: list[Tensor], gts: list[tuple[Tensor, Tensor]]):
+    def _finetune(self, data: TrainData, rois: list[Tensor], matches: list[Matches]):
         """K+1-way softmax fine-tuning on warped regions drawn across the whole training set."""
         cfg = self.cfg
         image_of = torch.cat([torch.full((len(r),), i) for i, r in enumerate(rois)])
         boxes = torch.cat(rois)
-        matches = [match(r, g[0], g[1], cfg.fg_iou) for r, g in zip(rois, gts, strict=True)]
         iou = torch.cat([m.iou for m in matches])
         labels = torch.cat([m.labels for m in matches])
         gen = torch.Generator().manual_seed(cfg.solver.seed)
@@ -181,10 +181,16 @@ class RCNN(Detector):
         return losses
 
     def _cache_features(
-        self, data: TrainData, rois: list[Tensor], gts: list[tuple[Tensor, Tensor]], work: Path
+        self,
+        data: TrainData,
+        rois: list[Tensor],
+        gts: list[tuple[Tensor, Tensor]],
+        matches: list[Matches],
+        work: Path,
     ) -> dict:
         """Write fc7 of every training region and pool5 of the box-regression examples to disk
-        (float16), with what the SVMs and regressors need to know about each region."""
+        (float16), with what the SVMs and regressors need to know about each region (``matches``:
+        each region's best ground-truth box, as fine-tuning used them)."""
         cfg, k = self.cfg, self.num_classes
         work.mkdir(parents=True, exist_ok=True)
         offsets = np.cumsum([0] + [len(r) for r in rois])
@@ -216,7 +222,7 @@ class RCNN(Detector):
             g = len(gt_boxes)  # the ground-truth rows come first (with_ground_truth)
             pos_rows.append(offsets[i] + np.arange(g))
             pos_labels.append(gt_labels.numpy())
-            m = match(rois[i], gt_boxes, gt_labels, 0.0)
+            m = matches[i]
             keep = torch.nonzero(m.iou > cfg.bbox_min_iou).flatten()
             reg_rows.append(keep.numpy() + offsets[i])
             reg_feats.append(pool5[keep].numpy().astype(np.float16))
