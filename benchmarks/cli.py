@@ -33,19 +33,16 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 def _cmd_proposals(args: argparse.Namespace) -> int:
     from benchmarks.config import load_config
-    from benchmarks.run import ensure_dataset
-    from datasets.voc import VOCDataset
+    from benchmarks.data import load_splits
     from pipelines.proposals import load_or_compute
 
     cfg = load_config(args.config or str(DEFAULT_CONFIG), args.set)
-    root, _ = ensure_dataset(cfg)
-    limits = {cfg.data.train_split: cfg.data.train_limit, cfg.data.test_split: cfg.data.test_limit}
-    for split, limit in limits.items():
-        ds = VOCDataset(root, split, limit)
+    splits = load_splits(cfg)
+    for ds in (splits.train, splits.test):
         props, cached = load_or_compute(ds, cfg.proposals, cfg.cache_dir, cfg.proposal_workers)
         s = props.stats(ds)
         print(
-            f"{ds.name}/{split}: {len(ds)} images, {s['mean_per_image']:.0f} proposals/img, "
+            f"{ds.name}/{ds.split}: {len(ds)} images, {s['mean_per_image']:.0f} proposals/img, "
             f"{s['seconds_per_image'] * 1000:.0f} ms/img, recall@0.5 {s['recall_iou50']:.3f}, "
             f"recall@0.7 {s['recall_iou70']:.3f}{' (cached)' if cached else ''}"
         )
@@ -76,10 +73,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="rcnn-bench", description="Benchmark R-CNN against Fast R-CNN on shared proposals."
+        prog="rcnn-bench",
+        description="Benchmark the R-CNN family of detectors on shared proposals.",
     )
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="train, time and score both pipelines; write reports/<run-id>/")
+    r = sub.add_parser("run", help="train, time and score the pipelines; write reports/<run-id>/")
     r.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG.name})")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
     r.set_defaults(func=_cmd_run)
@@ -109,9 +107,10 @@ def parser() -> argparse.ArgumentParser:
         "results", nargs="+", help="a results.json or a run folder (several with --write-baseline)"
     )
     c.add_argument(
-        "--write-baseline", action="store_true",
+        "--write-baseline",
+        action="store_true",
         help="instead of checking, write BASELINE from the mean of RESULTS (tolerances there are kept)",
-    )  # fmt: skip
+    )
     c.set_defaults(func=_cmd_compare)
     return p
 

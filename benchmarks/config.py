@@ -1,7 +1,10 @@
 """Run configuration: YAML -> one frozen dataclass per component, unknown keys rejected.
 
 A config file may hold any subset of the keys of :class:`RunConfig`; what it leaves out keeps its
-default. ``--set a.b=value`` overrides are parsed as YAML scalars (``--set rcnn.solver.iters=50``).
+default. ``--set a.b=value`` overrides are parsed as YAML scalars
+(``--set pipelines.rcnn.solver.iters=50``). The ``pipelines:`` mapping names the pipelines to run, each
+with its block, whose schema is the registered pipeline's own config class (pipelines.registry);
+``--set pipelines=rcnn,fast_rcnn`` runs a subset of the file's pipelines.
 """
 
 from __future__ import annotations
@@ -16,10 +19,9 @@ from typing import Any
 import yaml
 
 from datasets.synthetic import SyntheticConfig
+from pipelines import registry
 from pipelines.backbones import BackboneConfig
-from pipelines.fast_rcnn import FastRCNNConfig
 from pipelines.proposals import ProposalConfig
-from pipelines.rcnn import RCNNConfig
 
 __all__ = ["ConfigError", "DataConfig", "BenchConfig", "RunConfig", "load_config", "to_dict"]
 
@@ -52,12 +54,15 @@ class BenchConfig:
 
     warmup_images: int = 2  # per pipeline, not counted
     timed_images: int = 0  # 0: every test image (the full configs time at least 64)
+    repeats: int = 1  # times each timed image is run; its time is the median of these
     bootstrap_samples: int = 2000  # resamples for the speedup's 95% interval
     sweep_proposals: tuple[int, ...] = (100, 300, 1000, 2000)  # proposals per image in the sweep
     sweep_images: int = 3  # images timed per sweep point
     example_images: int = 4  # test images whose top detections the report draws
     example_detections: int = 5  # detections kept per pipeline and example image
     seed: int = 0
+    baseline: str = "rcnn"  # speedups are this pipeline's time over each other pipeline's
+    pairs: tuple[tuple[str, str], ...] = ()  # more (baseline, candidate) speedups to report
 
 
 @dataclass(frozen=True)
@@ -73,14 +78,55 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    rcnn: RCNNConfig = field(default_factory=RCNNConfig)
-    fast_rcnn: FastRCNNConfig = field(default_factory=FastRCNNConfig)
+    pipelines: dict[str, Any] = field(default_factory=lambda: _default_pipelines())
     bench: BenchConfig = field(default_factory=BenchConfig)
+
+    def __post_init__(self):
+        if not self.pipelines:
+            raise ValueError("pipelines: name at least one pipeline")
+        names = set(self.pipelines)
+        if self.bench.baseline not in names:
+            raise ValueError(
+                f"bench.baseline: {self.bench.baseline!r} is not among the pipelines run "
+                f"({', '.join(self.pipelines)}); set bench.baseline to one of them"
+            )
+        for pair in self.bench.pairs:
+            if not set(pair) <= names:
+                raise ValueError(f"bench.pairs: {list(pair)} names a pipeline that is not run")
+
+
+def _default_pipelines() -> dict[str, Any]:
+    """Every built-in pipeline with its default settings."""
+    return {
+        name: cls.config_class()
+        for name, cls in registry.registered().items()
+        if cls.__module__ in registry.BUILTIN_MODULES
+    }
+
+
+def _pipeline_blocks(value: Any, where: str, default: dict[str, Any]) -> dict[str, Any]:
+    """The ``pipelines:`` mapping: each block checked against its pipeline's config class; a block
+    for a pipeline the defaults already hold keeps the defaults it leaves out."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping of pipeline name -> settings")
+    out = {}
+    for name, block in value.items():
+        try:
+            cls = registry.get(str(name))
+        except ValueError as err:
+            raise ConfigError(f"{where}.{name}: {err}") from None
+        block = {} if block is None else block
+        if not isinstance(block, dict):
+            raise ConfigError(f"{where}.{name}: expected a mapping, got {type(block).__name__}")
+        out[str(name)] = _build(cls.config_class, block, f"{where}.{name}", default.get(name))
+    return out
 
 
 def _convert(value: Any, hint: Any, where: str, default: Any = None) -> Any:
     """Check and convert one YAML value to the field's type (``default``: the field's default)."""
     origin = typing.get_origin(hint)
+    if origin is dict:
+        return _pipeline_blocks(value, where, default or {})
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
@@ -172,15 +218,38 @@ def load_config(
             raise ConfigError(f"{source}: not valid YAML{line}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level")
+    if "pipelines" not in tree:  # overrides below add to the default pipelines, not replace them
+        tree["pipelines"] = {name: {} for name in _default_pipelines()}
+    selection = None
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
-        _set_path(tree, key.strip(), yaml.safe_load(raw), f"--set {item}")
+        value = yaml.safe_load(raw)
+        if key.strip() == "pipelines" and not isinstance(value, dict):
+            selection = _selection(value, item)
+            continue
+        _set_path(tree, key.strip(), value, f"--set {item}")
+    if selection is not None:
+        tree["pipelines"] = _select(tree["pipelines"], selection)
     try:
         return _build(RunConfig, tree, "")
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
+
+
+def _selection(value: Any, item: str) -> list[str]:
+    """``--set pipelines=a,b`` (or ``[a, b]``) -> ["a", "b"]."""
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"--set {item!r}: expected pipeline names separated by commas")
+    return [n.strip() for n in names]
+
+
+def _select(blocks: Any, names: list[str]) -> dict:
+    """The file's blocks of the selected pipelines (an empty block for one the file leaves out)."""
+    blocks = blocks if isinstance(blocks, dict) else {}
+    return {name: blocks.get(name) or {} for name in names}
 
 
 def to_dict(cfg: Any) -> dict:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import matplotlib.colors
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -19,31 +20,42 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from jinja2 import Environment, FileSystemLoader, StrictUndefined  # noqa: E402
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
+from benchmarks import tables  # noqa: E402
 from benchmarks.results import history_line, read_results  # noqa: E402
 from datasets.voc import read_image  # noqa: E402
 
-__all__ = ["render", "PAPER_TABLE4"]
+__all__ = ["render"]
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-
-# Fast R-CNN paper, Table 4 (VGG16, K40 GPU, VOC07 test), for reference beside every run.
-PAPER_TABLE4 = {
-    "rcnn": {"train_h": 84.0, "test_s": 47.0, "map": 66.0},
-    "fast_rcnn": {"train_h": 9.5, "test_s": 0.32, "map": 66.9},
-}
-LABELS = {"rcnn": "R-CNN", "fast_rcnn": "Fast R-CNN"}
-COLOURS = {"rcnn": "#c0504d", "fast_rcnn": "#4f81bd"}
+WIDTH = 10.0  # inches: at the figures' 110 dpi, the report's content width (1100 px)
+DPI = 110
 
 
-def _label(name: str) -> str:
-    return LABELS.get(name, name)
+def _colours(results: dict) -> dict[str, str]:
+    """One colour per pipeline, by its place in the run (tab10)."""
+    cmap = plt.get_cmap("tab10")
+    return {
+        name: matplotlib.colors.to_hex(cmap(k % 10)) for k, name in enumerate(results["pipelines"])
+    }
+
+
+def _label(results: dict, name: str) -> str:
+    return results["pipelines"][name]["label"]
+
+
+def _log_axis(axis) -> None:
+    """Plain numbers at 1-2-5 steps on a log axis, no labels on the minor ticks (they overlap)."""
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ScalarFormatter())
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _save(fig, out: Path, name: str) -> str:
     path = out / "figures" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return f"figures/{name}.png"
 
@@ -51,30 +63,33 @@ def _save(fig, out: Path, name: str) -> str:
 def _fig_stages(results: dict, out: Path) -> str:
     pipes = results["pipelines"]
     stages = sorted({s for rec in pipes.values() for s in rec["inference"]["stages_ms"]})
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.6 * len(pipes)))
-    cmap = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(WIDTH, 1.4 + 0.6 * len(pipes)))
+    cmap = plt.get_cmap("tab20")
     names = list(pipes)
     left = np.zeros(len(names))
     for k, stage in enumerate(stages):
         vals = np.array([pipes[n]["inference"]["stages_ms"].get(stage, 0.0) for n in names])
-        ax.barh([_label(n) for n in names], vals, left=left, color=cmap(k % 10), label=stage)
+        labels = [_label(results, n) for n in names]
+        ax.barh(labels, vals, left=left, color=cmap(k % 20), label=stage)
         left += vals
     ax.set_xlabel("ms per image (mean of timed images)")
     ax.set_title("Inference time by stage")
-    ax.legend(ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    ax.legend(ncol=6, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3))
     return _save(fig, out, "stages")
 
 
 def _fig_latency(results: dict, out: Path) -> str:
-    fig, ax = plt.subplots(figsize=(7, 3))
     pipes = results["pipelines"]
+    colours = _colours(results)
+    fig, ax = plt.subplots(figsize=(WIDTH, 1.2 + 0.8 * len(pipes)))
     data = [pipes[n]["inference"]["samples_ms"] for n in pipes]
-    ax.boxplot(data, orientation="horizontal", showfliers=True)
+    ax.boxplot(data, orientation="horizontal", showfliers=False)
     for k, (n, d) in enumerate(zip(pipes, data, strict=True)):
         jitter = np.random.default_rng(k).uniform(-0.15, 0.15, len(d))
-        ax.scatter(d, np.full(len(d), k + 1) + jitter, s=6, alpha=0.5, color=COLOURS.get(n, "gray"))
-    ax.set_yticks(range(1, len(pipes) + 1), [_label(n) for n in pipes])
+        ax.scatter(d, np.full(len(d), k + 1) + jitter, s=8, alpha=0.6, color=colours[n])
+    ax.set_yticks(range(1, len(pipes) + 1), [_label(results, n) for n in pipes])
     ax.set_xscale("log")
+    _log_axis(ax.xaxis)
     ax.set_xlabel("ms per image (log scale), every timed image")
     ax.set_title("Latency distribution")
     return _save(fig, out, "latency")
@@ -82,11 +97,16 @@ def _fig_latency(results: dict, out: Path) -> str:
 
 def _fig_sweep(results: dict, out: Path) -> str:
     sweep = results["sweep"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    colours = _colours(results)
+    fig, ax = plt.subplots(figsize=(WIDTH, 4.5))
     for name, ms in sweep["ms"].items():
-        ax.plot(sweep["proposals"], ms, marker="o", label=_label(name), color=COLOURS.get(name))
+        ax.plot(
+            sweep["proposals"], ms, marker="o", label=_label(results, name), color=colours[name]
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
+    _log_axis(ax.xaxis)
+    _log_axis(ax.yaxis)
     ax.set_xlabel("proposals per image")
     ax.set_ylabel("ms per image (median)")
     ax.set_title(f"Inference time vs proposals ({sweep['images']} images per point)")
@@ -98,14 +118,14 @@ def _fig_sweep(results: dict, out: Path) -> str:
 def _fig_ap(results: dict, out: Path) -> str:
     classes = results["dataset"]["classes"]
     pipes = results["pipelines"]
-    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(classes) + 2), 3.2))
+    colours = _colours(results)
+    fig, ax = plt.subplots(figsize=(WIDTH, 3.6))
     width = 0.8 / len(pipes)
     x = np.arange(len(classes))
     for k, name in enumerate(pipes):
         ap = [pipes[name]["map"]["per_class"][c]["voc07"] or 0.0 for c in classes]
-        ax.bar(
-            x + k * width - 0.4 + width / 2, ap, width, label=_label(name), color=COLOURS.get(name)
-        )
+        offset = x + k * width - 0.4 + width / 2
+        ax.bar(offset, ap, width, label=_label(results, name), color=colours[name])
     ax.set_xticks(
         x,
         classes,
@@ -123,11 +143,13 @@ def _fig_pr(results: dict, out: Path) -> str:
     classes = results["dataset"]["classes"]
     cols = min(4, len(classes))
     rows = int(np.ceil(len(classes) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.6 * rows), squeeze=False)
+    colours = _colours(results)
+    fig, axes = plt.subplots(rows, cols, figsize=(WIDTH, 2.8 * rows), squeeze=False)
     for ax, cls in zip(axes.flat, classes, strict=False):
         for name, rec in results["pipelines"].items():
             pr = rec.get("pr", {}).get(cls, {"recall": [], "precision": []})
-            ax.plot(pr["recall"], pr["precision"], label=_label(name), color=COLOURS.get(name))
+            label = _label(results, name)
+            ax.plot(pr["recall"], pr["precision"], label=label, color=colours[name])
         ax.set_title(cls, fontsize=9)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
@@ -147,8 +169,10 @@ def _fig_examples(results: dict, out: Path) -> str | None:
         return None
     classes = results["dataset"]["classes"]
     names = list(results["pipelines"])
+    colours = _colours(results)
+    side = WIDTH / len(names)
     fig, axes = plt.subplots(
-        len(examples), len(names), figsize=(3.6 * len(names), 2.8 * len(examples)), squeeze=False
+        len(examples), len(names), figsize=(WIDTH, 0.8 * side * len(examples)), squeeze=False
     )
     for row, ex in enumerate(examples):
         image = read_image(ex["image"])
@@ -157,52 +181,55 @@ def _fig_examples(results: dict, out: Path) -> str | None:
             ax.imshow(image)
             ax.axis("off")
             for box in ex["gt_boxes"]:
-                ax.add_patch(plt.Rectangle(box[:2], box[2] - box[0], box[3] - box[1], fill=False,
-                                           ec="white", lw=1.5, ls="--"))  # fmt: skip
+                _box(ax, box, "white", ls="--")
             dets = ex["detections"].get(name, {"boxes": [], "scores": [], "labels": []})
             for box, score, label in zip(
                 dets["boxes"], dets["scores"], dets["labels"], strict=True
             ):
-                colour = COLOURS.get(name, "yellow")
-                ax.add_patch(
-                    plt.Rectangle(
-                        box[:2], box[2] - box[0], box[3] - box[1], fill=False, ec=colour, lw=1.5
-                    )
+                _box(ax, box, colours[name])
+                ax.text(
+                    box[0],
+                    box[1],
+                    f"{classes[label - 1]} {score:.2f}",
+                    fontsize=6,
+                    color="white",
+                    bbox={"facecolor": colours[name], "pad": 1, "lw": 0},
                 )
-                ax.text(box[0], box[1], f"{classes[label - 1]} {score:.2f}", fontsize=6, color="white",
-                        bbox={"facecolor": colour, "pad": 1, "lw": 0})  # fmt: skip
             if row == 0:
-                ax.set_title(
-                    f"{_label(name)} (top {len(dets['boxes'])}; dashed: ground truth)", fontsize=8
-                )
+                title = f"{_label(results, name)} (top {len(dets['boxes'])}; dashed: ground truth)"
+                ax.set_title(title, fontsize=8)
     fig.tight_layout()
     return _save(fig, out, "detections")
 
 
-def _fig_trend(history: list[dict], out: Path) -> str | None:
+def _box(ax, box: list[float], colour: str, ls: str = "-") -> None:
+    w, h = box[2] - box[0], box[3] - box[1]
+    ax.add_patch(plt.Rectangle(box[:2], w, h, fill=False, ec=colour, lw=1.5, ls=ls))
+
+
+def _fig_trend(results: dict, history: list[dict], out: Path) -> str | None:
     if len(history) < 2:
         return None
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3))
+    colours = _colours(results)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(WIDTH, 3.6))
     x = np.arange(len(history))
-    inf = [h["speedup_inference"] for h in history]
-    lo = [h["speedup_inference"] - h["speedup_inference_ci95"][0] for h in history]
-    hi = [h["speedup_inference_ci95"][1] - h["speedup_inference"] for h in history]
-    a.errorbar(x, inf, yerr=[lo, hi], marker="o", capsize=3, label="inference (95% CI)")
-    a.plot(x, [h["speedup_train"] for h in history], marker="s", label="training")
-    a.set_title("Speedup of Fast R-CNN over R-CNN")
+    for pair in results["speedup"]:
+        points = [h["speedup"].get(pair) for h in history]
+        inf = np.array([p["inference"] if p else np.nan for p in points])
+        low = np.array([p["inference"] - p["inference_ci95"][0] if p else 0.0 for p in points])
+        high = np.array([p["inference_ci95"][1] - p["inference"] if p else 0.0 for p in points])
+        train = [p["train"] if p else np.nan for p in points]
+        a.errorbar(x, inf, yerr=[low, high], marker="o", capsize=3, label=pair)
+        a.plot(x, train, marker="s", ls=":", label=f"{pair} train")
+    a.set_title("Speedups over the baseline (inference with 95% CI; training dotted)")
     a.set_ylabel("x")
-    a.legend(fontsize=8)
-    for name in history[-1]["map"]:
-        b.plot(
-            x,
-            [h["map"].get(name) for h in history],
-            marker="o",
-            label=_label(name),
-            color=COLOURS.get(name),
-        )
+    a.legend(fontsize=7)
+    for name in results["pipelines"]:
+        values = [h["map"].get(name, np.nan) for h in history]
+        b.plot(x, values, marker="o", label=_label(results, name), color=colours[name])
     b.set_title("VOC07 mAP")
     b.set_ylim(0, 1)
-    b.legend(fontsize=8)
+    b.legend(fontsize=7)
     labels = [(h.get("commit") or "?")[:7] for h in history]
     for ax in (a, b):
         ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=7)
@@ -210,84 +237,18 @@ def _fig_trend(history: list[dict], out: Path) -> str | None:
     return _save(fig, out, "trend")
 
 
-def table4(results: dict) -> pd.DataFrame:
-    """The run in the shape of the Fast R-CNN paper's Table 4, with the paper's VGG16 figures."""
-    p = results["pipelines"]
-    r, f = p["rcnn"], p["fast_rcnn"]
-    s = results["speedup"]
-    ci = s["inference"]["ci95"]
-    rows = {
-        "train time (h, measured)": [r["train"]["total_s"] / 3600, f["train"]["total_s"] / 3600],
-        "train time (h, extrapolated to paper schedule)": [
-            r["train"]["paper_schedule"]["hours"], f["train"]["paper_schedule"]["hours"]],
-        "train speedup": [1.0, s["train"]],
-        "test rate (s/im, median, no proposals)": [
-            r["inference"]["ms_per_image"]["median"] / 1000, f["inference"]["ms_per_image"]["median"] / 1000],
-        "test speedup": [1.0, f"{s['inference']['value']:.1f} (95% CI {ci[0]:.1f}-{ci[1]:.1f})"],
-        "VOC07 mAP (%)": [100 * r["map"]["voc07"], 100 * f["map"]["voc07"]],
-    }  # fmt: skip
-    paper = PAPER_TABLE4
-    paper_rows = {
-        "train time (h, measured)": [paper["rcnn"]["train_h"], paper["fast_rcnn"]["train_h"]],
-        "train time (h, extrapolated to paper schedule)": ["-", "-"],
-        "train speedup": [1.0, paper["rcnn"]["train_h"] / paper["fast_rcnn"]["train_h"]],
-        "test rate (s/im, median, no proposals)": [
-            paper["rcnn"]["test_s"],
-            paper["fast_rcnn"]["test_s"],
-        ],
-        "test speedup": [1.0, paper["rcnn"]["test_s"] / paper["fast_rcnn"]["test_s"]],
-        "VOC07 mAP (%)": [paper["rcnn"]["map"], paper["fast_rcnn"]["map"]],
-    }
-    df = pd.DataFrame(
-        {
-            "R-CNN (this run)": [v[0] for v in rows.values()],
-            "Fast R-CNN (this run)": [v[1] for v in rows.values()],
-            "R-CNN (paper, VGG16, K40)": [v[0] for v in paper_rows.values()],
-            "Fast R-CNN (paper, VGG16, K40)": [v[1] for v in paper_rows.values()],
-        },
-        index=list(rows),
-    )
-    return df.map(_fmt)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, str):
-        return v
-    if abs(v) >= 100:
-        return f"{v:.0f}"
-    if abs(v) >= 1:
-        return f"{v:.2f}"
-    return f"{v:.4f}"
-
-
-def _pipeline_table(results: dict) -> pd.DataFrame:
-    rows = {}
-    for name, rec in results["pipelines"].items():
-        inf = rec["inference"]
-        rows[_label(name)] = {
-            "train s": f"{rec['train']['total_s']:.1f}",
-            "train stages (s)": ", ".join(
-                f"{k} {v:.1f}" for k, v in rec["train"]["stages_s"].items()
-            ),
-            "ms/img median": f"{inf['ms_per_image']['median']:.1f}",
-            "p90": f"{inf['ms_per_image']['p90']:.1f}",
-            "end-to-end ms": f"{inf['end_to_end_ms_per_image']:.1f}",
-            "GFLOP/img": f"{inf['flops_per_image'] / 1e9:.2f}",
-            "GFLOP/s": f"{inf.get('achieved_gflops_per_s', 0):.1f}",
-            "peak MiB": f"{rec['peak_memory_bytes'] / 2**20:.0f}",
-            "VOC07 mAP": f"{rec['map']['voc07']:.3f}",
-            "area mAP": f"{rec['map']['area']:.3f}",
-            "mAP@0.7": f"{rec['map']['voc07_strict']:.3f}",
-        }
-        for variant, v in rec.get("variants", {}).items():
-            rows[f"{_label(name)}: {variant}"] = {
-                "ms/img median": f"{v['ms_per_image']['median']:.1f}",
-                "p90": f"{v['ms_per_image']['p90']:.1f}",
-                "VOC07 mAP": f"{v['map']['voc07']:.3f}",
-                "area mAP": f"{v['map']['area']:.3f}",
-                "mAP@0.7": f"{v['map']['voc07_strict']:.3f}",
+def _history_item(item: dict) -> dict:
+    """A history line in the current shape (lines written by schema 1 held one speedup)."""
+    if "speedup_inference" in item:
+        item = dict(item)
+        item["speedup"] = {
+            "fast_rcnn/rcnn": {
+                "inference": item.pop("speedup_inference"),
+                "inference_ci95": item.pop("speedup_inference_ci95"),
+                "train": item.pop("speedup_train"),
             }
-    return pd.DataFrame(rows).T.fillna("")
+        }
+    return item
 
 
 def _history(runs: list[Path], results: list[dict]) -> list[dict]:
@@ -300,10 +261,52 @@ def _history(runs: list[Path], results: list[dict]) -> list[dict]:
                 item = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            lines[item["run_id"]] = item
+            if isinstance(item, dict) and "run_id" in item:
+                lines[item["run_id"]] = _history_item(item)
     for r in results:
         lines[r["run_id"]] = history_line(r)
     return sorted(lines.values(), key=lambda h: h["run_id"])
+
+
+def _figures(results: dict, history: list[dict], out: Path) -> list[dict]:
+    figures = [
+        ("Inference time by stage", _fig_stages(results, out)),
+        ("Latency distribution", _fig_latency(results, out)),
+        ("Inference time against proposals per image", _fig_sweep(results, out)),
+        ("Per-class AP", _fig_ap(results, out)),
+        ("Precision-recall curves", _fig_pr(results, out)),
+        ("Detections on test images", _fig_examples(results, out)),
+        ("Trend across runs", _fig_trend(results, history, out)),
+    ]
+    figures = [{"title": t, "path": p} for t, p in figures if p]
+    for fig in figures:
+        data = base64.b64encode((out / fig["path"]).read_bytes()).decode()
+        fig["data_uri"] = "data:image/png;base64," + data
+    return figures
+
+
+def _tables(results: dict, history: list[dict]) -> dict[str, pd.DataFrame]:
+    env = pd.DataFrame({"value": {k: str(v) for k, v in results["env"].items()}})
+    trend = pd.DataFrame(
+        {
+            h["run_id"]: {
+                "commit": (h.get("commit") or "")[:10],
+                "config": h.get("config"),
+                **{
+                    f"{pair} inference": f"{s['inference']:.2f}" for pair, s in h["speedup"].items()
+                },
+                **{f"{pair} train": f"{s['train']:.2f}" for pair, s in h["speedup"].items()},
+            }
+            for h in history
+        }
+    ).T.fillna("")
+    return {
+        "paper": tables.paper_table(results),
+        "speedups": tables.speedup_table(results),
+        "pipelines": tables.pipeline_table(results, detail=True),
+        "env": env,
+        "trend": trend,
+    }
 
 
 def render(runs: list[str | Path], out: str | Path) -> tuple[Path, Path]:
@@ -318,39 +321,14 @@ def render(runs: list[str | Path], out: str | Path) -> tuple[Path, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     history = _history(runs, all_results)
-    figures = [
-        ("Inference time by stage", _fig_stages(results, out)),
-        ("Latency distribution", _fig_latency(results, out)),
-        ("Inference time against proposals per image", _fig_sweep(results, out)),
-        ("Per-class AP", _fig_ap(results, out)),
-        ("Precision-recall curves", _fig_pr(results, out)),
-        ("Detections on test images", _fig_examples(results, out)),
-        ("Trend across runs", _fig_trend(history, out)),
-    ]
-    figures = [{"title": t, "path": p} for t, p in figures if p]
-    for fig in figures:
-        fig["data_uri"] = (
-            "data:image/png;base64," + base64.b64encode((out / fig["path"]).read_bytes()).decode()
-        )
-    t4 = table4(results)
-    pipes = _pipeline_table(results)
-    env = pd.DataFrame({"value": {k: str(v) for k, v in results["env"].items()}})
-    trend = pd.DataFrame(history)[
-        ["run_id", "commit", "config", "speedup_inference", "speedup_train"]
-    ]
-    trend["commit"] = trend["commit"].map(lambda c: (c or "")[:10])
+    frames = _tables(results, history)
     context = {
         "r": results,
-        "s": results["speedup"],
-        "figures": figures,
-        "table4_html": t4.to_html(classes="t"),
-        "table4_md": _md_table(t4),
-        "pipes_html": pipes.to_html(classes="t"),
-        "pipes_md": _md_table(pipes),
-        "env_html": env.to_html(classes="t", header=False),
-        "env_md": _md_table(env),
-        "trend_html": trend.to_html(classes="t", index=False, float_format=lambda v: f"{v:.2f}"),
-        "trend_md": _md_table(trend.set_index("run_id")),
+        "figures": _figures(results, history, out),
+        "html": {k: df.to_html(classes="t", header=k != "env") for k, df in frames.items()},
+        "md": {k: tables.markdown(df) for k, df in frames.items()},
+        "headline": _headline(results),
+        "notes": _pipeline_notes(results),
         "config_yaml": yaml.safe_dump(results["config"], sort_keys=False),
         "runs": len(history),
     }
@@ -364,10 +342,34 @@ def render(runs: list[str | Path], out: str | Path) -> tuple[Path, Path]:
     return html, md
 
 
-def _md_table(df: pd.DataFrame) -> str:
-    """A GitHub Markdown table (pandas' to_markdown needs tabulate, which the suite does not)."""
-    cols = [str(c) for c in df.columns]
-    lines = ["| | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for idx, row in df.iterrows():
-        lines.append(f"| {idx} | " + " | ".join(str(v).replace("|", "/") for v in row) + " |")
-    return "\n".join(lines)
+def _headline(results: dict) -> list[str]:
+    """One sentence per speedup pair."""
+    pipes = results["pipelines"]
+    out = []
+    for s in results["speedup"].values():
+        b, c = pipes[s["baseline"]], pipes[s["candidate"]]
+        inf = s["inference"]
+        paired = inf.get("paired")
+        interval = (
+            f" (paired per-image geometric mean {paired['geomean']:.1f}x, 95% CI "
+            f"{paired['ci95'][0]:.1f}-{paired['ci95'][1]:.1f})"
+            if paired
+            else f" (95% CI {inf['ci95'][0]:.1f}-{inf['ci95'][1]:.1f})"
+        )
+        out.append(
+            f"{c['label']} ran inference {inf['value']:.1f}x faster than {b['label']}{interval}, "
+            f"trained {s['train']:.1f}x faster ({s['train_paper_schedule']:.1f}x extrapolated to the "
+            f"papers' schedules), end to end {s['end_to_end']:.1f}x, at VOC07 mAP "
+            f"{c['map']['voc07']:.3f} against {b['map']['voc07']:.3f}."
+        )
+    return out
+
+
+def _pipeline_notes(results: dict) -> list[str]:
+    """Facts a pipeline's training reported that the tables do not show (on-disk caches)."""
+    notes = []
+    for rec in results["pipelines"].values():
+        cache = rec["train"].get("info", {}).get("feature_cache_bytes")
+        if cache is not None:
+            notes.append(f"{rec['label']}'s training feature cache: {cache / 2**20:.1f} MiB.")
+    return notes

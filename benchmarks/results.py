@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 __all__ = [
     "SCHEMA_VERSION",
     "REQUIRED",
+    "ResultsError",
+    "upgrade",
     "validate",
     "write_json",
     "read_json",
@@ -16,25 +19,57 @@ __all__ = [
     "append_history",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-# Dotted paths every results.json has; "*" stands for each pipeline.
+# Dotted paths every results.json has; "*" stands for each pipeline, or each speedup pair.
 REQUIRED = (
-    "schema_version", "run_id", "config", "env.device_name", "env.torch", "env.torchvision",
-    "env.cpu", "env.threads", "env.commit",
-    "dataset.name", "dataset.classes", "dataset.train_images", "dataset.test_images",
-    "proposals.method", "proposals.mode", "proposals.mean_per_image", "proposals.seconds_per_image",
-    "proposals.recall_iou50", "proposals.recall_iou70",
-    "pipelines.*.train.stages_s", "pipelines.*.train.total_s", "pipelines.*.train.paper_schedule",
-    "pipelines.*.inference.ms_per_image.median", "pipelines.*.inference.ms_per_image.p90",
-    "pipelines.*.inference.ms_per_image.mean", "pipelines.*.inference.samples_ms",
-    "pipelines.*.inference.stages_ms", "pipelines.*.inference.end_to_end_ms_per_image",
-    "pipelines.*.inference.flops_per_image", "pipelines.*.map.voc07", "pipelines.*.map.area",
-    "pipelines.*.map.voc07_strict", "pipelines.*.map.per_class", "pipelines.*.peak_memory_bytes",
-    "pipelines.rcnn.feature_cache_bytes",
-    "speedup.train", "speedup.inference.value", "speedup.inference.ci95", "speedup.end_to_end",
-    "sweep.proposals", "sweep.ms",
-)  # fmt: skip
+    "schema_version",
+    "run_id",
+    "config",
+    "env.device_name",
+    "env.torch",
+    "env.torchvision",
+    "env.cpu",
+    "env.threads",
+    "env.commit",
+    "dataset.name",
+    "dataset.classes",
+    "dataset.train_images",
+    "dataset.test_images",
+    "proposals.method",
+    "proposals.mode",
+    "proposals.mean_per_image",
+    "proposals.seconds_per_image",
+    "proposals.recall_iou50",
+    "proposals.recall_iou70",
+    "timing.timed_images",
+    "timing.warmup_images",
+    "baseline",
+    "pipelines.*.label",
+    "pipelines.*.train.stages_s",
+    "pipelines.*.train.total_s",
+    "pipelines.*.train.paper_schedule",
+    "pipelines.*.inference.ms_per_image.median",
+    "pipelines.*.inference.ms_per_image.p90",
+    "pipelines.*.inference.ms_per_image.mean",
+    "pipelines.*.inference.samples_ms",
+    "pipelines.*.inference.stages_ms",
+    "pipelines.*.inference.end_to_end_ms_per_image",
+    "pipelines.*.inference.flops_per_image",
+    "pipelines.*.map.voc07",
+    "pipelines.*.map.area",
+    "pipelines.*.map.voc07_strict",
+    "pipelines.*.map.per_class",
+    "pipelines.*.peak_memory_bytes",
+    "speedup.*.baseline",
+    "speedup.*.candidate",
+    "speedup.*.train",
+    "speedup.*.inference.value",
+    "speedup.*.inference.ci95",
+    "speedup.*.end_to_end",
+    "sweep.proposals",
+    "sweep.ms",
+)
 
 
 class ResultsError(ValueError):
@@ -57,8 +92,38 @@ def _lookup(tree: dict, parts: list[str], where: str) -> list[str]:
     return _lookup(tree[head], rest, f"{where}.{head}".lstrip("."))
 
 
+def upgrade(results: dict, source: str = "results") -> dict:
+    """A results dict in the current schema: version 2 as it is, version 1 (two fixed pipelines,
+    one speedup) rewritten to version 2's shape.
+
+    Raises:
+        ResultsError: no schema_version, or one this version of the suite does not know.
+    """
+    version = results.get("schema_version")
+    if version == SCHEMA_VERSION:
+        return results
+    if version != 1:
+        raise ResultsError(
+            f"{source}: schema_version is {version!r}; this suite reads the integers 1 and "
+            f"{SCHEMA_VERSION} (re-run the config to write a current results.json)"
+        )
+    out = copy.deepcopy(results)
+    speedup = out.pop("speedup", {})
+    out["schema_version"] = SCHEMA_VERSION
+    out["upgraded_from"] = 1
+    out["baseline"] = "rcnn"
+    out["speedup"] = {"fast_rcnn/rcnn": {"baseline": "rcnn", "candidate": "fast_rcnn", **speedup}}
+    for name, rec in out.get("pipelines", {}).items():
+        rec.setdefault("label", {"rcnn": "R-CNN", "fast_rcnn": "Fast R-CNN"}.get(name, name))
+        if "feature_cache_bytes" in rec:
+            rec.get("train", {}).get("info", {}).setdefault(
+                "feature_cache_bytes", rec.pop("feature_cache_bytes")
+            )
+    return out
+
+
 def validate(results: dict, source: str = "results") -> None:
-    """Raise ResultsError naming the first missing field or a non-finite number."""
+    """Raise ResultsError naming the first missing field or a non-finite median."""
     missing = [m for path in REQUIRED for m in _lookup(results, path.split("."), "")]
     if missing:
         raise ResultsError(
@@ -67,7 +132,7 @@ def validate(results: dict, source: str = "results") -> None:
         )
     if results["schema_version"] != SCHEMA_VERSION:
         raise ResultsError(
-            f"{source}: schema_version {results['schema_version']}, expected {SCHEMA_VERSION}"
+            f"{source}: schema_version {results['schema_version']!r}, expected {SCHEMA_VERSION}"
         )
     for name, rec in results["pipelines"].items():
         median = rec["inference"]["ms_per_image"]["median"]
@@ -104,27 +169,31 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def read_results(path: str | Path) -> dict:
-    """Read and validate a results.json (or a run folder holding one)."""
+    """Read, upgrade to the current schema and validate a results.json (or a run folder)."""
     path = Path(path)
     if path.is_dir():
         path = path / "results.json"
-    data = read_json(path, "results")
+    data = upgrade(read_json(path, "results"), str(path))
     validate(data, str(path))
     return data
 
 
 def history_line(results: dict) -> dict:
     """One line of the run history: commit, date, config and the tracked metrics."""
-    s = results["speedup"]
     return {
         "run_id": results["run_id"],
         "created": results.get("created"),
         "commit": results["env"].get("commit"),
         "config": results["config"].get("name"),
         "device_name": results["env"]["device_name"],
-        "speedup_inference": s["inference"]["value"],
-        "speedup_inference_ci95": s["inference"]["ci95"],
-        "speedup_train": s["train"],
+        "speedup": {
+            pair: {
+                "inference": s["inference"]["value"],
+                "inference_ci95": s["inference"]["ci95"],
+                "train": s["train"],
+            }
+            for pair, s in results["speedup"].items()
+        },
         "map": {name: rec["map"]["voc07"] for name, rec in results["pipelines"].items()},
         "ms_per_image": {
             name: rec["inference"]["ms_per_image"]["median"]

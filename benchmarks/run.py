@@ -1,89 +1,100 @@
-"""The harness: train both detectors on the same proposals and weights, time them, score them.
+"""`rcnn-bench run`: one benchmark run as a short sequence of stages, each with its inputs and outputs.
 
-It knows the detectors only through pipelines.detector.Detector: every step below loops over them
-without asking which is which. Timing follows shared/DESIGN.md ("Timing rules"): batch size 1, inputs
-and proposals already in memory, warm-up images not counted, the device synchronized around every
-timed region, the pipelines alternating image by image.
+    load data -> shared proposals -> build pipelines -> train each -> time each (one loop: the main
+    timing, the test-time variants, the proposal sweep) -> FLOPs and memory -> score -> speedups ->
+    assemble results -> write the run folder -> render the report
+
+It knows the pipelines only through pipelines.detector.Detector and the registry: nothing here names
+one. Only the command line imports this module.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
-import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
-from torch.utils.flop_counter import FlopCounterMode
-from tqdm import tqdm
 
+from benchmarks import tables
 from benchmarks.config import RunConfig, to_dict
+from benchmarks.data import (
+    Splits,
+    TestSet,
+    load_splits,
+    load_test_set,
+    load_train_set,
+    log,
+    shared_proposals,
+)
 from benchmarks.env import environment, resolve_device
 from benchmarks.evaluation import VOCEvaluator
-from benchmarks.memory import PeakMemory, allocation_peak
+from benchmarks.inference import (
+    PassResult,
+    TimingPlan,
+    count_costs,
+    plan_timing,
+    proposal_sweep,
+    time_pass,
+)
+from benchmarks.memory import PeakMemory
+from benchmarks.report import render
 from benchmarks.results import SCHEMA_VERSION, append_history, validate, write_json
-from benchmarks.stats import bootstrap_ratio, summarize
-from datasets.synthetic import generate
-from datasets.voc import VOCDataset
-from pipelines.backbones import build_backbone, clone
+from benchmarks.stats import bootstrap_ratio, paired_ratio, summarize
+from pipelines import registry
+from pipelines.backbones import Backbone, build_backbone, clone
 from pipelines.detector import Detector, TrainData
-from pipelines.fast_rcnn import FastRCNN
-from pipelines.proposals import ProposalSet, load_or_compute
-from pipelines.rcnn import RCNN
-from pipelines.timing import StageTimer, synchronize
+from pipelines.proposals import ProposalSet
+from pipelines.timing import StageTimer
 
-__all__ = ["run", "ensure_dataset", "build_detectors", "sweep_boxes", "BASELINE", "CANDIDATE"]
-
-BASELINE, CANDIDATE = "rcnn", "fast_rcnn"  # speedup = baseline time / candidate time
+__all__ = ["run"]
 
 
-def log(message: str) -> None:
-    print(f"[rcnn-bench] {message}", flush=True)
-
-
-def ensure_dataset(cfg: RunConfig) -> tuple[Path, str]:
-    """The VOC-format folder to use, generating synthetic data when the config asks for it.
-
-    Returns:
-        (folder, a description for the results).
-    """
-    data = cfg.data
-    root = Path(data.root)
-    synthetic_root = root
-    if data.kind == "voc":
-        if (root / "Annotations").is_dir():
-            return root, "voc"
-        if not data.fallback_to_synthetic:
-            raise ValueError(f"{root}: VOC folder not found (run scripts/fetch_voc2007.sh)")
-        synthetic_root = root.parent / f"synthetic-fallback-{data.synthetic.seed}"
-        log(f"{root} not found: using synthetic images of the configured size at {synthetic_root}")
-    marker = synthetic_root / ".generated.json"
-    wanted = json.dumps(dataclasses.asdict(data.synthetic), sort_keys=True)
-    if not marker.is_file() or marker.read_text() != wanted:
-        log(f"generating synthetic data into {synthetic_root}")
-        generate(synthetic_root, data.synthetic)
-        marker.write_text(wanted)
-    kind = "synthetic" if data.kind == "synthetic" else "synthetic (VOC folder missing)"
-    return synthetic_root, kind
-
-
-def build_detectors(cfg: RunConfig, num_classes: int, device: torch.device) -> dict[str, Detector]:
-    """Both detectors, each on its own copy of one backbone (the same initial weights)."""
+def run(cfg: RunConfig, config_path: str | None = None) -> Path:
+    """One benchmark run. Returns the run folder (results.json inside)."""
+    started = time.perf_counter()
+    device = setup(cfg)
+    splits = load_splits(cfg)
+    classes = [registry.get(name) for name in cfg.pipelines]
+    proposals = None
+    if not all(cls.owns_proposals for cls in classes):
+        proposals = shared_proposals(cfg, splits)
     backbone = build_backbone(cfg.backbone)
-    cache = Path(cfg.cache_dir)
-    return {
-        BASELINE: RCNN(clone(backbone), num_classes, cfg.rcnn, device, cache),
-        CANDIDATE: FastRCNN(clone(backbone), num_classes, cfg.fast_rcnn, device),
-    }
+    detectors = build_pipelines(cfg, backbone, splits.train.num_classes, device)
+    training = train_pipelines(detectors, load_train_set(splits, proposals), device)
+    test = load_test_set(splits, proposals, device)
+    plan = plan_timing(cfg.bench, len(test.images))
+    main = time_pass(detectors, test, _boxes_for(detectors, test), plan, device)
+    variants = time_variants(detectors, test, plan, device)
+    sweep = proposal_sweep(detectors, test, plan, cfg.bench, device)
+    costs = {n: _costs(det, test, plan, device) for n, det in detectors.items()}
+    records = pipeline_records(detectors, training, main, variants, costs, splits, proposals)
+    speedups = compute_speedups(records, cfg)
+    results = assemble(cfg, config_path, device, splits, proposals, plan, backbone, records)
+    results.update(speedup=speedups, sweep=sweep, examples=examples(cfg, splits, main))
+    results["wall_s"] = time.perf_counter() - started
+    run_dir = write_run_folder(results, cfg)
+    render([run_dir], run_dir)
+    print(tables.summary(results))
+    log(f"wrote {run_dir / 'results.json'} ({results['wall_s']:.0f} s)")
+    return run_dir
+
+
+def setup(cfg: RunConfig) -> torch.device:
+    """Thread count and device."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return resolve_device(cfg.device)
 
 
 def weights_sha1(module: torch.nn.Module) -> str:
-    """Hash of a module's parameters and buffers, to show both detectors start from the same weights."""
+    """Hash of a module's parameters and buffers: the record that every pipeline starts from the
+    same initial weights."""
     digest = hashlib.sha1()
     for key, value in sorted(module.state_dict().items()):
         digest.update(key.encode())
@@ -91,279 +102,271 @@ def weights_sha1(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def sweep_boxes(boxes: np.ndarray, n: int, size: tuple[int, int], seed: int) -> np.ndarray:
-    """Exactly ``n`` proposals for the sweep: the first n, or all of them padded with jittered copies
-    (each shifted and scaled by up to 10% and clipped to the image) when there are fewer."""
-    if len(boxes) >= n:
-        return boxes[:n]
-    rng = np.random.default_rng(seed)
-    extra = boxes[rng.integers(0, len(boxes), size=n - len(boxes))].copy()
-    wh = extra[:, 2:] - extra[:, :2]
-    extra += np.concatenate((wh, wh), axis=1) * rng.uniform(-0.1, 0.1, size=extra.shape)
-    h, w = size
-    extra = np.clip(extra, 0, [w, h, w, h])
-    extra[:, 2:] = np.maximum(extra[:, 2:], extra[:, :2] + 1)
-    return np.concatenate((boxes, extra.astype(np.float32)))
+def build_pipelines(
+    cfg: RunConfig, backbone: Backbone, num_classes: int, device: torch.device
+) -> dict[str, Detector]:
+    """Every configured pipeline, each built from its config block on its own copy of ``backbone``.
 
-
-def _timed_detect(det: Detector, image, boxes, device, variant=None):
-    timer = StageTimer(device)
-    synchronize(device)
-    start = time.perf_counter()
-    dets = det.detect(image, boxes, timer, variant)
-    synchronize(device)
-    return (
-        dets,
-        (time.perf_counter() - start) * 1000,
-        {k: v * 1000 for k, v in timer.seconds.items()},
+    Raises:
+        RuntimeError: a pipeline changed the shared weights while it was built.
+    """
+    before = weights_sha1(backbone)
+    context = registry.BuildContext(
+        num_classes=num_classes,
+        device=device,
+        backbone=lambda: clone(backbone),
+        cache_dir=Path(cfg.cache_dir),
     )
+    detectors = {name: registry.get(name)(block, context) for name, block in cfg.pipelines.items()}
+    if weights_sha1(backbone) != before:
+        raise RuntimeError("a pipeline changed the shared initial weights while it was built")
+    return detectors
 
 
-def _mean_stages(per_image: list[dict[str, float]]) -> dict[str, float]:
-    """Mean ms of each stage over the timed images (a stage an image skipped counts as 0)."""
-    names = sorted({k for stages in per_image for k in stages})
-    return {k: float(np.mean([stages.get(k, 0.0) for stages in per_image])) for k in names}
-
-
-def _map_record(result: dict) -> dict:
-    """The AP figures results.json keeps from an evaluation (the PR curves are kept apart)."""
-    return {k: result[k] for k in ("voc07", "area", "voc07_strict", "strict_iou", "per_class")}
-
-
-def _run_id(name: str) -> str:
-    return f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{name}"
-
-
-def run(cfg: RunConfig, config_path: str | None = None) -> Path:
-    """One benchmark run. Returns the run folder (results.json inside)."""
-    started = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    run_dir = Path(cfg.output_dir) / _run_id(cfg.name)
-    while run_dir.exists():  # two runs in one second: never overwrite
-        run_dir = run_dir.with_name(run_dir.name + "x")
-    log(f"run {run_dir.name} on {device}")
-
-    # -- data and shared proposals ----------------------------------------------------------------
-    root, kind = ensure_dataset(cfg)
-    train_ds = VOCDataset(root, cfg.data.train_split, cfg.data.train_limit)
-    test_ds = VOCDataset(root, cfg.data.test_split, cfg.data.test_limit)
-    if train_ds.classes != test_ds.classes:
-        raise ValueError(f"{root}: train and test splits disagree on the class list")
-    props: dict[str, ProposalSet] = {}
-    for ds in (train_ds, test_ds):
-        props[ds.split], cached = load_or_compute(
-            ds, cfg.proposals, cfg.cache_dir, cfg.proposal_workers
-        )
-        log(f"proposals {ds.split}: {'read from cache' if cached else 'computed and cached'}")
-    prop_stats = props[test_ds.split].stats(test_ds)
-    log("loading images")
-    train = TrainData(
-        [train_ds.load_image(i) for i in range(len(train_ds))],
-        train_ds.annotations,
-        props[train_ds.split].boxes,
-        train_ds.num_classes,
-    )
-    test_images = [torch.from_numpy(test_ds.load_image(i)).to(device) for i in range(len(test_ds))]
-    test_boxes = [torch.from_numpy(b).to(device) for b in props[test_ds.split].boxes]
-
-    # -- training ---------------------------------------------------------------------------------
-    detectors = build_detectors(cfg, train_ds.num_classes, device)
-    init_hashes = {name: weights_sha1(det.net) for name, det in detectors.items()}
-    if len(set(init_hashes.values())) != 1:
-        raise RuntimeError(f"detectors start from different backbone weights: {init_hashes}")
-    records: dict[str, dict] = {}
+def train_pipelines(
+    detectors: dict[str, Detector], train: TrainData, device: torch.device
+) -> dict[str, dict]:
+    """Train each pipeline in turn; per pipeline its stage times, extrapolated paper-schedule hours,
+    peak memory and what its ``fit`` reported."""
+    out = {}
     for name, det in detectors.items():
         log(f"training {name}")
         timer = StageTimer(device)
         with PeakMemory(device) as mem:
             info = det.fit(train, timer)
         stages = dict(timer.seconds)
-        records[name] = {
-            "train": {
-                "stages_s": stages,
-                "total_s": sum(stages.values()),
-                "paper_schedule": det.paper_schedule(stages),
-                "peak_memory_bytes": mem.peak_bytes,
-                "peak_memory_method": mem.method,
-                "info": info,
-            }
+        out[name] = {
+            "stages_s": stages,
+            "total_s": sum(stages.values()),
+            "paper_schedule": det.paper_schedule(stages),
+            "peak_memory_bytes": mem.peak_bytes,
+            "peak_memory_method": mem.method,
+            "info": info,
         }
-        if "feature_cache_bytes" in info:
-            records[name]["feature_cache_bytes"] = info["feature_cache_bytes"]
-    del train
+    return out
 
-    # -- inference: alternate image by image ------------------------------------------------------
-    bench = cfg.bench
-    n_test = len(test_images)
-    timed = range(min(bench.warmup_images, n_test), n_test)
-    if bench.timed_images:
-        timed = timed[: bench.timed_images]
-    evaluators = {name: VOCEvaluator(test_ds.classes) for name in detectors}
-    samples = {name: [] for name in detectors}
-    stage_samples: dict[str, list[dict]] = {name: [] for name in detectors}
-    for i in range(min(bench.warmup_images, n_test)):
-        for det in detectors.values():
-            _timed_detect(det, test_images[i], test_boxes[i], device)
-    order = list(detectors.items())
-    examples = [
-        {
-            "image": str(test_ds.image_path(test_ds.image_ids[i]).resolve()),
-            "image_id": test_ds.image_ids[i],
-            "gt_boxes": test_ds.annotations[i].boxes.tolist(),
-            "gt_labels": test_ds.annotations[i].labels.tolist(),
-            "detections": {},
-        }
-        for i in range(min(bench.example_images, n_test))
-    ]
-    for i in tqdm(range(n_test), desc="inference (alternating)", unit="img"):
-        for name, det in order if i % 2 == 0 else order[::-1]:
-            dets, ms, stages = _timed_detect(det, test_images[i], test_boxes[i], device)
-            evaluators[name].process(test_ds.annotations[i], dets)
-            if i < len(examples):
-                k = bench.example_detections
-                examples[i]["detections"][name] = {
-                    "boxes": dets.boxes[:k].tolist(),
-                    "scores": dets.scores[:k].tolist(),
-                    "labels": dets.labels[:k].tolist(),
-                }
-            if i in timed:
-                samples[name].append(ms)
-                stage_samples[name].append(stages)
-    if not samples[BASELINE]:
-        raise ValueError(
-            f"{test_ds.split}: no image left to time after {bench.warmup_images} warm-up"
-        )
-    proposal_ms = prop_stats["seconds_per_image"] * 1000
-    for name in detectors:
-        result = evaluators[name].evaluate()
-        records[name]["inference"] = {
-            "ms_per_image": summarize(samples[name]),
-            "samples_ms": samples[name],
-            "stages_ms": _mean_stages(stage_samples[name]),
-            "end_to_end_ms_per_image": float(np.median(samples[name])) + proposal_ms,
-        }
-        records[name]["map"] = _map_record(result)
-        records[name]["pr"] = result["pr"]
 
-    # -- test-time variants (R-CNN without box regression, Fast R-CNN with truncated SVD) ----------
+def _boxes_for(detectors: dict[str, Detector], test: TestSet):
+    """The shared proposals of image i, or None for a pipeline that makes its own."""
+    return lambda name, i: None if detectors[name].owns_proposals else test.boxes[i]
+
+
+def time_variants(
+    detectors: dict[str, Detector], test: TestSet, plan: TimingPlan, device: torch.device
+) -> dict[str, dict[str, PassResult]]:
+    """Each pipeline's declared test-time variants, timed on the same images as the main pass."""
+    out: dict[str, dict[str, PassResult]] = {}
     for name, det in detectors.items():
-        records[name]["variants"] = {}
+        out[name] = {}
         for variant in det.variants:
-            ev = VOCEvaluator(test_ds.classes)
-            ms_list, stage_list = [], []
-            for i in tqdm(range(n_test), desc=f"{name} {variant}", unit="img"):
-                dets, ms, stages = _timed_detect(
-                    det, test_images[i], test_boxes[i], device, variant
-                )
-                ev.process(test_ds.annotations[i], dets)
-                if i in timed:
-                    ms_list.append(ms)
-                    stage_list.append(stages)
-            records[name]["variants"][variant] = {
-                "map": _map_record(ev.evaluate()),
-                "ms_per_image": summarize(ms_list),
-                "stages_ms": _mean_stages(stage_list),
-            }
+            one = {name: det}
+            result = time_pass(
+                one, test, _boxes_for(one, test), plan, device, variant=variant, desc=variant
+            )
+            out[name][variant] = result[name]
+    return out
 
-    # -- FLOPs (counted by torch's FLOP counter on one image) and peak memory ------------------------
-    probe = timed[0]
+
+def _costs(det: Detector, test: TestSet, plan: TimingPlan, device: torch.device) -> dict:
+    """FLOPs and peak memory of one detection, on the first timed image."""
+    i = plan.timed[0]
+    boxes = None if det.owns_proposals else test.boxes[i]
+    costs = count_costs(det, test.images[i], boxes, device)
+    costs["proposals"] = 0 if boxes is None else int(boxes.shape[0])
+    return costs
+
+
+def _score(classes: tuple[str, ...], annotations: list, result: PassResult) -> dict:
+    evaluator = VOCEvaluator(classes)
+    for ann, dets in zip(annotations, result.detections, strict=True):
+        evaluator.process(ann, dets)
+    return evaluator.evaluate()
+
+
+def _map_record(evaluation: dict) -> dict:
+    """The AP figures results.json keeps from an evaluation (the PR curves are kept apart)."""
+    return {k: evaluation[k] for k in ("voc07", "area", "voc07_strict", "strict_iou", "per_class")}
+
+
+def pipeline_records(
+    detectors: dict[str, Detector],
+    training: dict[str, dict],
+    main: dict[str, PassResult],
+    variants: dict[str, dict[str, PassResult]],
+    costs: dict[str, dict],
+    splits: Splits,
+    proposals: dict[str, ProposalSet] | None,
+) -> dict[str, dict]:
+    """results.json's ``pipelines`` block: per pipeline its training, timing, costs and scores."""
+    classes, anns = splits.classes, splits.test.annotations
+    proposal_ms = 1000 * float(np.mean(proposals[splits.test.split].seconds)) if proposals else 0.0
+    out = {}
     for name, det in detectors.items():
-        with FlopCounterMode(display=False) as counter:
-            det.detect(test_images[probe], test_boxes[probe], StageTimer(device))
-        flops = counter.get_total_flops()
-        peak, method = allocation_peak(
-            lambda det=det: det.detect(test_images[probe], test_boxes[probe], StageTimer(device)),
-            device,
-        )
-        median_s = records[name]["inference"]["ms_per_image"]["median"] / 1000
-        records[name]["inference"]["flops_per_image"] = flops
-        records[name]["inference"]["flops_image_proposals"] = int(test_boxes[probe].shape[0])
-        records[name]["inference"]["achieved_gflops_per_s"] = flops / 1e9 / median_s
-        records[name]["peak_memory_bytes"] = peak
-        records[name]["peak_memory_method"] = method
+        timing, cost = main[name], costs[name]
+        median = float(np.median(timing.samples_ms))
+        evaluation = _score(classes, anns, timing)
+        paper = det.paper.__dict__ if det.paper else None
+        out[name] = {
+            "label": det.label or name,
+            "owns_proposals": det.owns_proposals,
+            "paper": paper,
+            "train": training[name],
+            "inference": {
+                "ms_per_image": summarize(timing.samples_ms),
+                "samples_ms": timing.samples_ms,
+                "stages_ms": timing.mean_stages(),
+                "end_to_end_ms_per_image": median + (0 if det.owns_proposals else proposal_ms),
+                "flops_per_image": cost["flops"],
+                "flops_image_proposals": cost["proposals"],
+                "achieved_gflops_per_s": cost["flops"] / 1e9 / (median / 1000),
+            },
+            "map": _map_record(evaluation),
+            "pr": evaluation["pr"],
+            "variants": {
+                variant: {
+                    "map": _map_record(_score(classes, anns, result)),
+                    "ms_per_image": summarize(result.samples_ms),
+                    "samples_ms": result.samples_ms,
+                    "stages_ms": result.mean_stages(),
+                }
+                for variant, result in variants[name].items()
+            },
+            "peak_memory_bytes": cost["peak_memory_bytes"],
+            "peak_memory_method": cost["peak_memory_method"],
+        }
+    return out
 
-    # -- sweep over proposals per image ---------------------------------------------------------------
-    sweep = {
-        "proposals": list(bench.sweep_proposals),
-        "images": 0,
-        "ms": {n: [] for n in detectors},
-    }
-    sweep_ids = list(timed)[: bench.sweep_images]
-    sweep["images"] = len(sweep_ids)
-    for n in tqdm(bench.sweep_proposals, desc="proposal sweep", unit="point"):
-        per = {name: [] for name in detectors}
-        for i in sweep_ids:
-            size = tuple(test_images[i].shape[:2])
-            boxes = sweep_boxes(props[test_ds.split].boxes[i], n, size, bench.seed + i)
-            boxes_t = torch.from_numpy(boxes).to(device)
-            for name, det in order if i % 2 == 0 else order[::-1]:
-                per[name].append(_timed_detect(det, test_images[i], boxes_t, device)[1])
-        for name in detectors:
-            sweep["ms"][name].append(float(np.median(per[name])))
 
-    # -- speedups and results ------------------------------------------------------------------------
-    base, cand = records[BASELINE], records[CANDIDATE]
-    speedup = {
+def speedup(base: dict, cand: dict, baseline: str, candidate: str, cfg: RunConfig) -> dict:
+    """``baseline``'s figures over ``candidate``'s (above 1: the candidate is faster)."""
+    b, c = base["inference"], cand["inference"]
+    n, seed = cfg.bench.bootstrap_samples, cfg.bench.seed
+    inference = bootstrap_ratio(b["samples_ms"], c["samples_ms"], n, seed)
+    inference["paired"] = paired_ratio(b["samples_ms"], c["samples_ms"], n, seed)
+    return {
+        "baseline": baseline,
+        "candidate": candidate,
         "train": base["train"]["total_s"] / cand["train"]["total_s"],
         "train_paper_schedule": base["train"]["paper_schedule"]["hours"]
         / cand["train"]["paper_schedule"]["hours"],
-        "inference": bootstrap_ratio(
-            base["inference"]["samples_ms"],
-            cand["inference"]["samples_ms"],
-            bench.bootstrap_samples,
-            bench.seed,
-        ),  # fmt: skip
-        "end_to_end": base["inference"]["end_to_end_ms_per_image"]
-        / cand["inference"]["end_to_end_ms_per_image"],
-        "flops": base["inference"]["flops_per_image"]
-        / max(cand["inference"]["flops_per_image"], 1),
+        "inference": inference,
+        "end_to_end": b["end_to_end_ms_per_image"] / c["end_to_end_ms_per_image"],
+        "flops": b["flops_per_image"] / max(c["flops_per_image"], 1),
     }
-    results = {
+
+
+def compute_speedups(records: dict[str, dict], cfg: RunConfig) -> dict[str, dict]:
+    """Every pipeline against the baseline, and the extra pairs the config asks for, keyed
+    "candidate/baseline"."""
+    base = cfg.bench.baseline
+    pairs = [(base, name) for name in records if name != base] + list(cfg.bench.pairs)
+    return {f"{c}/{b}": speedup(records[b], records[c], b, c, cfg) for b, c in dict.fromkeys(pairs)}
+
+
+def assemble(
+    cfg: RunConfig,
+    config_path: str | None,
+    device: torch.device,
+    splits: Splits,
+    proposals: dict[str, ProposalSet] | None,
+    plan: TimingPlan,
+    backbone: Backbone,
+    records: dict[str, dict],
+) -> dict:
+    """results.json's fields that describe the run (what was run where, on what data)."""
+    test = splits.test
+    return {
         "schema_version": SCHEMA_VERSION,
-        "run_id": run_dir.name,
+        "run_id": "",
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "config_path": config_path,
         "config": to_dict(cfg),
         "env": environment(device),
         "dataset": {
-            "name": train_ds.name,
-            "kind": kind,
-            "root": str(root),
-            "classes": list(train_ds.classes),
-            "train_images": len(train_ds),
-            "test_images": len(test_ds),
+            "name": splits.train.name,
+            "kind": splits.kind,
+            "root": str(splits.root),
+            "classes": list(splits.classes),
+            "train_images": len(splits.train),
+            "test_images": len(test),
         },
-        "proposals": {
-            "method": "selective_search",
-            "mode": cfg.proposals.mode,
-            "max_per_image": cfg.proposals.max_proposals,
-            **prop_stats,
-            "train_seconds_per_image": float(np.mean(props[train_ds.split].seconds)),
-        },
+        "proposals": _proposal_record(cfg, splits, proposals),
         "timing": {
-            "timed_images": len(samples[BASELINE]),
-            "warmup_images": min(bench.warmup_images, n_test),
+            "timed_images": len(plan.timed),
+            "warmup_images": len(plan.warmup),
+            "image_ids": [test.image_ids[i] for i in plan.timed],
+            "repeats": plan.repeats,
             "alternating": True,
             "batch_size": 1,
         },
-        "backbone": {"name": cfg.backbone.name, "init_weights_sha1": init_hashes[BASELINE]},
+        "backbone": {"name": cfg.backbone.name, "init_weights_sha1": weights_sha1(backbone)},
+        "baseline": cfg.bench.baseline,
         "pipelines": records,
-        "speedup": speedup,
-        "sweep": sweep,
-        "examples": examples,
-        "wall_s": time.perf_counter() - started,
     }
+
+
+def _proposal_record(cfg: RunConfig, splits: Splits, proposals: dict | None) -> dict:
+    record = {
+        "method": "selective_search" if proposals else "none (every pipeline makes its own)",
+        "mode": cfg.proposals.mode,
+        "max_per_image": cfg.proposals.max_proposals,
+    }
+    if not proposals:
+        zeros = ("mean_per_image", "seconds_per_image", "recall_iou50", "recall_iou70")
+        return {**record, **dict.fromkeys(zeros, 0.0)}
+    return {
+        **record,
+        **proposals[splits.test.split].stats(splits.test),
+        "train_seconds_per_image": float(np.mean(proposals[splits.train.split].seconds)),
+    }
+
+
+def examples(cfg: RunConfig, splits: Splits, main: dict[str, PassResult]) -> list[dict]:
+    """The first test images with their ground truth and each pipeline's top detections."""
+    test, k = splits.test, cfg.bench.example_detections
+    out = []
+    for i in range(min(cfg.bench.example_images, len(test))):
+        dets = {name: result.detections[i] for name, result in main.items()}
+        out.append(
+            {
+                "image": str(test.image_path(test.image_ids[i]).resolve()),
+                "image_id": test.image_ids[i],
+                "gt_boxes": test.annotations[i].boxes.tolist(),
+                "gt_labels": test.annotations[i].labels.tolist(),
+                "detections": {
+                    name: {
+                        "boxes": d.boxes[:k].tolist(),
+                        "scores": d.scores[:k].tolist(),
+                        "labels": d.labels[:k].tolist(),
+                    }
+                    for name, d in dets.items()
+                },
+            }
+        )
+    return out
+
+
+def _run_id(name: str) -> str:
+    """Unique even for two runs started in the same second: time, then a random suffix."""
+    return f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{name}-{uuid.uuid4().hex[:6]}"
+
+
+def write_run_folder(results: dict, cfg: RunConfig) -> Path:
+    """Write results.json and config.yaml into a new run folder (built under a temporary name, then
+    renamed, so that a crash leaves no half-written run), point ``latest`` at it and append the
+    history line."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results["run_id"] = _run_id(cfg.name)
     validate(results)
-    run_dir.mkdir(parents=True, exist_ok=False)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    write_json(run_dir / "results.json", results)
+    run_dir = out / results["run_id"]
+    tmp = out / f".{results['run_id']}.tmp"
+    tmp.mkdir()
+    (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_json(tmp / "results.json", results)
+    tmp.rename(run_dir)
     _point_latest(run_dir)
-    append_history(Path(cfg.output_dir) / "history.jsonl", results)
-    _render(run_dir)
-    print(summary_table(results))
-    log(f"wrote {run_dir / 'results.json'} ({results['wall_s']:.0f} s)")
+    append_history(out / "history.jsonl", results)
     return run_dir
 
 
@@ -374,41 +377,3 @@ def _point_latest(run_dir: Path) -> None:
         tmp.unlink()
     tmp.symlink_to(run_dir.name)
     tmp.replace(latest)
-
-
-def _render(run_dir: Path) -> None:
-    try:
-        from benchmarks.report import render
-    except ImportError:
-        return
-    render([run_dir], run_dir)
-
-
-def summary_table(results: dict) -> str:
-    """The short table `rcnn-bench run` prints at the end."""
-    rows = [
-        f"{'pipeline':<11} {'train s':>9} {'paper-sched h':>13} {'ms/img med':>10} {'p90':>8} "
-        f"{'end-to-end ms':>13} {'GFLOP/img':>10} {'VOC07 mAP':>9} {'mAP@0.7':>8}"
-    ]
-    for name, rec in results["pipelines"].items():
-        inf = rec["inference"]
-        rows.append(
-            f"{name:<11} {rec['train']['total_s']:>9.1f} {rec['train']['paper_schedule']['hours']:>13.2f} "
-            f"{inf['ms_per_image']['median']:>10.1f} {inf['ms_per_image']['p90']:>8.1f} "
-            f"{inf['end_to_end_ms_per_image']:>13.1f} {inf['flops_per_image'] / 1e9:>10.2f} "
-            f"{rec['map']['voc07']:>9.3f} {rec['map']['voc07_strict']:>8.3f}"
-        )
-        for variant, v in rec.get("variants", {}).items():
-            rows.append(
-                f"  {variant:<9} {'':>9} {'':>13} {v['ms_per_image']['median']:>10.1f} "
-                f"{v['ms_per_image']['p90']:>8.1f} {'':>13} {'':>10} {v['map']['voc07']:>9.3f} "
-                f"{v['map']['voc07_strict']:>8.3f}"
-            )
-    s = results["speedup"]
-    lo, hi = s["inference"]["ci95"]
-    rows.append(
-        f"speedup {CANDIDATE} over {BASELINE}: train {s['train']:.1f}x, inference "
-        f"{s['inference']['value']:.1f}x (95% CI {lo:.1f}-{hi:.1f}), end-to-end {s['end_to_end']:.1f}x, "
-        f"FLOPs {s['flops']:.1f}x"
-    )
-    return "\n".join(rows)

@@ -18,8 +18,9 @@ from sklearn.linear_model import Ridge
 from torch import Tensor
 
 from pipelines.boxes import decode_deltas, encode_deltas
+from pipelines.sampling import Matches
 
-__all__ = ["BoxRegressors", "fit_box_regressors"]
+__all__ = ["BoxRegressors", "RegressionExamples", "regression_examples", "fit_box_regressors"]
 
 
 @dataclass
@@ -64,6 +65,46 @@ class BoxRegressors:
             deltas = (features[rows] @ self.weight[j] + self.bias[j]) @ self.t_inv[j] + self.mu[j]
             out[rows] = decode_deltas(boxes[rows], deltas)
         return out
+
+
+@dataclass
+class RegressionExamples:
+    """One image's box-regression examples.
+
+    Attributes:
+        rows: int64 (M,), their indices among the image's training regions.
+        gt_boxes: float32 (M, 4), each one's best-overlapping ground-truth box.
+        labels: int64 (M,), that box's class 1..K.
+        iou: float32 (M,), the overlap with it.
+    """
+
+    rows: np.ndarray
+    gt_boxes: np.ndarray
+    labels: np.ndarray
+    iou: np.ndarray
+
+
+def regression_examples(
+    matches: Matches, gt_boxes: Tensor, gt_labels: Tensor, min_iou: float
+) -> RegressionExamples:
+    """The regions whose best ground-truth box overlaps them by more than ``min_iou`` (0.6 in
+    rcnn_train_bbox_regressor.m), with that box and its class.
+
+    Args:
+        matches: each region's best ground-truth box (pipelines.sampling.match).
+        gt_boxes (Tensor[G, 4]); gt_labels (Tensor[G]): the boxes ``matches`` indexes.
+        min_iou: the overlap an example needs.
+    """
+    rows = torch.nonzero(matches.iou > min_iou).flatten()
+    if gt_boxes.shape[0] == 0:
+        rows = rows[:0]
+    index = matches.gt_index[rows]
+    return RegressionExamples(
+        rows.numpy(),
+        gt_boxes[index].numpy().astype(np.float32).reshape(-1, 4),
+        gt_labels[index].numpy().astype(np.int64),
+        matches.iou[rows].numpy().astype(np.float32),
+    )
 
 
 def fit_box_regressors(

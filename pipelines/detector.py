@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from torchvision.ops import batched_nms
 from datasets.voc import Annotation
 from pipelines.backbones import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.boxes import clip_boxes
+from pipelines.registry import BuildContext, PaperFigures
 from pipelines.timing import StageTimer
 
 __all__ = ["Detections", "TrainData", "Detector", "normalize_image", "candidates", "select"]
@@ -67,43 +69,62 @@ class TrainData:
 class Detector(abc.ABC):
     """What the harness knows of a detector. It never asks which one it is timing.
 
+    A pipeline subclasses this, registers it (pipelines.registry.register) and declares:
+
+    Attributes:
+        name: the registry key and the config block's name under ``pipelines:``.
+        label: how reports name it ("Fast R-CNN").
+        config_class: its frozen config dataclass (the ``pipelines.<name>`` block).
+        owns_proposals: True when it makes its own regions; the harness then passes no shared
+            proposals to ``detect`` and adds no selective-search time to its end-to-end figure.
+        variants: test-time alternatives the harness scores and times beside the default.
+        train_stages: the names ``fit`` records in its timer, in order.
+        paper: the published figures shown beside a run's.
+
     ``fit`` records its stages in the timer it is given; ``detect`` records its inference stages.
-    ``variants`` names test-time alternatives the harness scores (and times) beside the default.
     """
 
-    name: str = ""
-    variants: tuple[str, ...] = ()
+    name: ClassVar[str] = ""
+    label: ClassVar[str] = ""
+    config_class: ClassVar[type]
+    owns_proposals: ClassVar[bool] = False
+    variants: ClassVar[tuple[str, ...]] = ()
+    train_stages: ClassVar[tuple[str, ...]] = ()
+    paper: ClassVar[PaperFigures | None] = None
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, cfg: Any, context: BuildContext):
+        self.cfg = cfg
+        self.num_classes = context.num_classes
+        self.device = context.device
 
     @abc.abstractmethod
     def fit(self, data: TrainData, timer: StageTimer) -> dict:
         """Train on ``data``; returns facts to record (counts, sizes), stage times go to ``timer``."""
 
     def detect(
-        self, image: Tensor, proposals: Tensor, timer: StageTimer, variant: str | None = None
+        self, image: Tensor, proposals: Tensor | None, timer: StageTimer, variant: str | None = None
     ) -> Detections:
         """Detect objects in one image.
 
         Args:
             image: Tensor[H, W, 3] uint8 RGB, already on the device.
             proposals: Tensor[R, 4] float xyxy in image pixels, on the device (R may be 0: no
-                detections).
+                detections); None for a pipeline that owns its proposals.
             timer: receives the inference stages.
             variant: one of ``variants``, or None for the default model.
         """
         if variant not in (None, *self.variants):
             raise ValueError(f"{self.name} has no test-time variant {variant!r}")
-        if proposals.shape[0] == 0:
+        if not self.owns_proposals and (proposals is None or proposals.shape[0] == 0):
             return Detections.empty()
         return self._detect(image, proposals, timer, variant)
 
     @abc.abstractmethod
     def _detect(
-        self, image: Tensor, proposals: Tensor, timer: StageTimer, variant: str | None
+        self, image: Tensor, proposals: Tensor | None, timer: StageTimer, variant: str | None
     ) -> Detections:
-        """``detect`` for a valid variant and at least one proposal."""
+        """``detect`` for a valid variant and, unless the pipeline owns its proposals, at least one
+        proposal."""
 
     @abc.abstractmethod
     def paper_schedule(self, stages_s: dict[str, float]) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -24,17 +25,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from pipelines.backbones import Backbone
-from pipelines.bbox_regression import BoxRegressors, fit_box_regressors
-from pipelines.boxes import box_iou
+from pipelines.bbox_regression import BoxRegressors, fit_box_regressors, regression_examples
 from pipelines.detector import Detections, Detector, TrainData, candidates, normalize_image, select
+from pipelines.registry import BuildContext, PaperFigures, register
 from pipelines.sampling import Matches, match, sample_fg_bg, with_ground_truth
-from pipelines.svm import SVMConfig, train_svms
+from pipelines.svm import SVMConfig, negative_mask, train_svms
 from pipelines.timing import StageTimer
 from pipelines.training import SolverConfig, run_sgd
 from pipelines.warp import warp_regions
 
-__all__ = ["RCNNConfig", "RCNN"]
+__all__ = ["RCNNConfig", "RCNN", "FeatureCache"]
 
 
 @dataclass(frozen=True)
@@ -58,32 +58,75 @@ class RCNNConfig:
     keep_feature_cache: bool = False  # keep the on-disk fc7/pool5 cache after training
 
 
-class RCNN(Detector):
-    """R-CNN behind the Detector interface.
+@dataclass
+class FeatureCache:
+    """R-CNN's training-set features on disk, and what the SVMs and box regressors need of each region.
 
-    Args:
-        backbone: the shared backbone (this detector fine-tunes it in place: pass a clone).
-        num_classes: K.
-        cfg: settings.
-        device: where the CNN runs.
-        cache_dir: where the training-set feature cache is written.
+    Attributes:
+        folder: where the files are.
+        offsets: int64 (N + 1,): image i's regions are rows offsets[i]:offsets[i + 1] of ``fc7``.
+        fc7: float16 (sum R, D), memory-mapped: every training region's fc7.
+        neg_masks: per image, bool (R, K): which regions are SVM negatives of which class.
+        pos_rows: int64 (P,): the rows of the ground-truth regions (the SVM positives).
+        pos_labels: int64 (P,): their classes 1..K.
+        pool5: float16 (M, C*P*P), memory-mapped: pool5 of the box-regression examples.
+        reg_boxes, reg_gt, reg_labels, reg_iou: the examples' regions (M, 4), best ground-truth boxes
+            (M, 4), classes (M,) and overlaps (M,).
+        fc7_scale, pool5_scale: the factors that bring the mean L2 norm of each to ``feature_norm``.
     """
 
-    name = "rcnn"
-    variants = ("no_bbox_reg",)
+    folder: Path
+    offsets: np.ndarray
+    fc7: np.ndarray
+    neg_masks: list[np.ndarray]
+    pos_rows: np.ndarray
+    pos_labels: np.ndarray
+    pool5: np.ndarray
+    reg_boxes: np.ndarray
+    reg_gt: np.ndarray
+    reg_labels: np.ndarray
+    reg_iou: np.ndarray
+    fc7_scale: float
+    pool5_scale: float
 
-    def __init__(
-        self, backbone: Backbone, num_classes: int, cfg: RCNNConfig, device: torch.device,
-        cache_dir: str | Path,
-    ):  # fmt: skip
-        super().__init__(device)
-        self.cfg = cfg
-        self.num_classes = num_classes
-        self.net = backbone.to(device)
-        self.cls = nn.Linear(backbone.fc_dim, num_classes + 1).to(device)  # fine-tuning only
+    @property
+    def bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.folder.iterdir())
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image i's scaled fc7 (R, D) float32 and negative mask (R, K): what SVM mining visits."""
+        rows = slice(self.offsets[i], self.offsets[i + 1])
+        return np.asarray(self.fc7[rows], np.float32) * self.fc7_scale, self.neg_masks[i]
+
+
+@register
+class RCNN(Detector):
+    """R-CNN behind the Detector interface: fine-tunes a copy of the shared backbone, caches its
+    training-set features in ``context.cache_dir`` while the SVMs and box regressors train."""
+
+    name = "rcnn"
+    label = "R-CNN"
+    config_class = RCNNConfig
+    variants = ("no_bbox_reg",)
+    train_stages = ("finetune", "features", "svm", "bbox_reg")
+    paper: ClassVar[PaperFigures] = PaperFigures(
+        "Fast R-CNN paper, Table 4 (VGG16, K40 GPU, VOC07 test)",
+        train_hours=84.0,
+        test_seconds=47.0,
+        voc07_map=66.0,
+    )
+
+    def __init__(self, cfg: RCNNConfig, context: BuildContext):
+        super().__init__(cfg, context)
+        backbone = context.backbone()
+        self.net = backbone.to(self.device)
+        self.cls = nn.Linear(backbone.fc_dim, self.num_classes + 1).to(self.device)  # fine-tuning
         nn.init.normal_(self.cls.weight, std=0.01)
         nn.init.zeros_(self.cls.bias)
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = Path(context.cache_dir)
         self.svm_w: Tensor | None = None  # (D, K)
         self.svm_b: Tensor | None = None  # (K,)
         self.fc7_scale = 1.0
@@ -132,17 +175,19 @@ class RCNN(Detector):
         try:
             with timer.stage("features"):
                 cache = self._cache_features(data, rois, gts, matches, work)
+            self.fc7_scale, self.pool5_scale = cache.fc7_scale, cache.pool5_scale
             with timer.stage("svm"):
                 records = self._train_svms(cache)
             with timer.stage("bbox_reg"):
                 self._train_regressors(cache)
+            cache_bytes = cache.bytes
         finally:
             if not self.cfg.keep_feature_cache:
                 shutil.rmtree(work, ignore_errors=True)
         return {
             "finetune_final_loss": float(np.mean(losses[-50:])),
-            "feature_cache_bytes": cache["bytes"],
-            "feature_cache_regions": int(cache["offsets"][-1]),
+            "feature_cache_bytes": cache_bytes,
+            "feature_cache_regions": int(cache.offsets[-1]),
             "feature_norm_scale": {"fc7": self.fc7_scale, "pool5": self.pool5_scale},
             "svm": [{"class": j + 1, **asdict(r)} for j, r in enumerate(records)],
             "bbox_examples": self.regressors.examples,
@@ -187,19 +232,18 @@ class RCNN(Detector):
         gts: list[tuple[Tensor, Tensor]],
         matches: list[Matches],
         work: Path,
-    ) -> dict:
+    ) -> FeatureCache:
         """Write fc7 of every training region and pool5 of the box-regression examples to disk
-        (float16), with what the SVMs and regressors need to know about each region (``matches``:
-        each region's best ground-truth box, as fine-tuning used them)."""
-        cfg, k = self.cfg, self.num_classes
+        (float16). Which regions are SVM negatives (pipelines.svm.negative_mask) and which are
+        box-regression examples (pipelines.bbox_regression.regression_examples) is decided by those
+        modules; this only extracts and stores."""
+        cfg = self.cfg
         work.mkdir(parents=True, exist_ok=True)
         offsets = np.cumsum([0] + [len(r) for r in rois])
-        d7, d5 = self.net.fc_dim, self.net.channels * self.net.pool_size**2
         fc7_file = np.lib.format.open_memmap(
-            work / "fc7.npy", "w+", np.float16, (int(offsets[-1]), d7)
+            work / "fc7.npy", "w+", np.float16, (int(offsets[-1]), self.net.fc_dim)
         )
-        reg_rows, reg_feats, reg_gt, reg_labels, reg_iou = [], [], [], [], []
-        neg_masks, pos_rows, pos_labels = [], [], []
+        examples, reg_feats, neg_masks = [], [], []
         norm7 = norm5 = 0.0
         for i in tqdm(range(len(rois)), desc="rcnn features", unit="img", mininterval=1.0):
             image = normalize_image(torch.from_numpy(data.images[i]).to(self.device))
@@ -208,64 +252,56 @@ class RCNN(Detector):
             fc7_file[offsets[i] : offsets[i + 1]] = fc7.numpy().astype(np.float16)
             norm7 += float(fc7.norm(dim=1).sum())
             norm5 += float(pool5.norm(dim=1).sum())
-            gt_boxes, gt_labels = gts[i]
             ann = data.annotations[i]
-            # Negatives: overlap with every box of the class (difficult ones too) below svm_neg_iou.
-            all_gt = torch.from_numpy(ann.boxes)
-            ious = box_iou(rois[i], all_gt)  # (R, G_all)
-            per_class = torch.zeros((len(rois[i]), k))
-            for j in range(k):
-                cols = torch.from_numpy(ann.labels == j + 1)
-                if cols.any():
-                    per_class[:, j] = ious[:, cols].max(dim=1).values
-            neg_masks.append((per_class < cfg.svm_neg_iou).numpy())
-            g = len(gt_boxes)  # the ground-truth rows come first (with_ground_truth)
-            pos_rows.append(offsets[i] + np.arange(g))
-            pos_labels.append(gt_labels.numpy())
-            m = matches[i]
-            keep = torch.nonzero(m.iou > cfg.bbox_min_iou).flatten()
-            reg_rows.append(keep.numpy() + offsets[i])
-            reg_feats.append(pool5[keep].numpy().astype(np.float16))
-            reg_gt.append(gt_boxes[m.gt_index[keep]].numpy() if g else np.zeros((0, 4), np.float32))
-            reg_labels.append(gt_labels[m.gt_index[keep]].numpy() if g else np.zeros(0, np.int64))
-            reg_iou.append(m.iou[keep].numpy())
+            neg_masks.append(
+                negative_mask(rois[i], ann.boxes, ann.labels, self.num_classes, cfg.svm_neg_iou)
+            )
+            ex = regression_examples(matches[i], *gts[i], cfg.bbox_min_iou)
+            examples.append(ex)
+            reg_feats.append(pool5[torch.from_numpy(ex.rows)].numpy().astype(np.float16))
         fc7_file.flush()
-        pool5_all = np.concatenate(reg_feats) if reg_feats else np.zeros((0, d5), np.float16)
-        np.save(work / "pool5.npy", pool5_all)
+        np.save(work / "pool5.npy", np.concatenate(reg_feats))
         n = max(int(offsets[-1]), 1)
-        self.fc7_scale = cfg.feature_norm / max(norm7 / n, 1e-12)
-        self.pool5_scale = cfg.feature_norm / max(norm5 / n, 1e-12)
         all_rois = torch.cat(rois).numpy()
-        reg_index = np.concatenate(reg_rows) if reg_rows else np.zeros(0, np.int64)
-        return {
-            "offsets": offsets,
-            "fc7": np.load(work / "fc7.npy", mmap_mode="r"),
-            "pool5": np.load(work / "pool5.npy", mmap_mode="r"),
-            "neg_masks": neg_masks,
-            "pos_rows": np.concatenate(pos_rows).astype(np.int64),
-            "pos_labels": np.concatenate(pos_labels),
-            "reg_boxes": all_rois[reg_index],
-            "reg_gt": np.concatenate(reg_gt).astype(np.float32),
-            "reg_labels": np.concatenate(reg_labels),
-            "reg_iou": np.concatenate(reg_iou),
-            "bytes": sum(f.stat().st_size for f in work.iterdir()),
-        }
+        pos = [offsets[i] + np.arange(len(gt)) for i, (gt, _) in enumerate(gts)]  # gt rows first
+        return FeatureCache(
+            folder=work,
+            offsets=offsets,
+            fc7=np.load(work / "fc7.npy", mmap_mode="r"),
+            neg_masks=neg_masks,
+            pos_rows=np.concatenate(pos).astype(np.int64),
+            pos_labels=np.concatenate([lab.numpy() for _, lab in gts]).astype(np.int64),
+            pool5=np.load(work / "pool5.npy", mmap_mode="r"),
+            reg_boxes=all_rois[
+                np.concatenate([ex.rows + offsets[i] for i, ex in enumerate(examples)])
+            ],
+            reg_gt=np.concatenate([ex.gt_boxes for ex in examples]),
+            reg_labels=np.concatenate([ex.labels for ex in examples]),
+            reg_iou=np.concatenate([ex.iou for ex in examples]),
+            fc7_scale=cfg.feature_norm / max(norm7 / n, 1e-12),
+            pool5_scale=cfg.feature_norm / max(norm5 / n, 1e-12),
+        )
 
-    def _train_svms(self, cache: dict):
-        fc7, scale = cache["fc7"], self.fc7_scale
-        pos_all = np.asarray(fc7[cache["pos_rows"]], np.float32) * scale
-        positives = [pos_all[cache["pos_labels"] == j + 1] for j in range(self.num_classes)]
-        w, b, records = train_svms(positives, _CachedImages(cache, scale), self.cfg.svm)
+    def _train_svms(self, cache: FeatureCache):
+        pos_all = np.asarray(cache.fc7[cache.pos_rows], np.float32) * cache.fc7_scale
+        positives = [pos_all[cache.pos_labels == j + 1] for j in range(self.num_classes)]
+        w, b, records = train_svms(positives, cache, self.cfg.svm)
         self.svm_w = torch.from_numpy(w).to(self.device)
         self.svm_b = torch.from_numpy(b).to(self.device)
         return records
 
-    def _train_regressors(self, cache: dict) -> None:
-        feats = np.asarray(cache["pool5"], np.float32) * self.pool5_scale
+    def _train_regressors(self, cache: FeatureCache) -> None:
+        feats = np.asarray(cache.pool5, np.float32) * cache.pool5_scale
         self.regressors = fit_box_regressors(
-            feats, cache["reg_boxes"], cache["reg_gt"], cache["reg_labels"], cache["reg_iou"],
-            self.num_classes, lam=self.cfg.bbox_lambda, min_iou=self.cfg.bbox_min_iou,
-        ).to(self.device)  # fmt: skip
+            feats,
+            cache.reg_boxes,
+            cache.reg_gt,
+            cache.reg_labels,
+            cache.reg_iou,
+            self.num_classes,
+            lam=self.cfg.bbox_lambda,
+            min_iou=self.cfg.bbox_min_iou,
+        ).to(self.device)
 
     def paper_schedule(self, stages_s: dict[str, float]) -> dict:
         other = sum(v for name, v in stages_s.items() if name != "finetune")
@@ -293,19 +329,3 @@ class RCNN(Detector):
             return select(
                 boxes, scores[rows, cls], cls + 1, size, self.cfg.nms_iou, self.cfg.max_per_class
             )
-
-
-class _CachedImages:
-    """The training images' scaled fc7 features and negative masks, read from the cache on demand."""
-
-    def __init__(self, cache: dict, scale: float):
-        self.cache, self.scale = cache, scale
-
-    def __len__(self) -> int:
-        return len(self.cache["offsets"]) - 1
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        lo, hi = self.cache["offsets"][i], self.cache["offsets"][i + 1]
-        return np.asarray(self.cache["fc7"][lo:hi], np.float32) * self.scale, self.cache[
-            "neg_masks"
-        ][i]

@@ -18,10 +18,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
+from torch import Tensor
 
-__all__ = ["SVMConfig", "ClassRecord", "train_svms"]
+from pipelines.boxes import box_iou
+
+__all__ = ["SVMConfig", "ClassRecord", "negative_mask", "train_svms"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,34 @@ class ClassRecord:
     negatives_added: int = 0  # negatives that ever joined the cache
     not_converged: int = 0  # trainings where liblinear hit max_iter
     cache_sizes: list[int] = field(default_factory=list)  # cache size after each training
+
+
+def negative_mask(
+    regions: Tensor, gt_boxes: np.ndarray, gt_labels: np.ndarray, num_classes: int, max_iou: float
+) -> np.ndarray:
+    """Which regions may serve as negatives of which class.
+
+    A region is a negative of class k when it overlaps every ground-truth box of class k, difficult
+    ones included, by less than ``max_iou`` (0.3 in rcnn_train.m); with no box of class k, every
+    region is.
+
+    Args:
+        regions (Tensor[R, 4]): one image's training regions.
+        gt_boxes: float32 (G, 4), all of the image's ground-truth boxes.
+        gt_labels: int64 (G,), their classes 1..K.
+        num_classes: K.
+        max_iou: the overlap a negative must stay below.
+
+    Returns:
+        bool (R, K).
+    """
+    ious = box_iou(regions, torch.from_numpy(gt_boxes)).numpy()  # (R, G)
+    best = np.zeros((len(regions), num_classes), np.float32)
+    for j in range(num_classes):
+        cols = gt_labels == j + 1
+        if cols.any():
+            best[:, j] = ious[:, cols].max(axis=1)
+    return best < max_iou
 
 
 def _fit(

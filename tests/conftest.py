@@ -24,3 +24,14 @@ def tiny_voc(tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "tiny"
     written = generate(root, TINY_DATA)
     return root, written
+
+
+def build_context(num_classes: int, cache_dir=".", backbone_cfg=None):
+    """What the harness hands a pipeline's constructor, for one CPU pipeline in a test."""
+    from pathlib import Path
+
+    from pipelines.backbones import BackboneConfig, build_backbone, clone
+    from pipelines.registry import BuildContext
+
+    backbone = build_backbone(backbone_cfg or BackboneConfig())
+    return BuildContext(num_classes, torch.device("cpu"), lambda: clone(backbone), Path(cache_dir))

@@ -29,7 +29,7 @@ def tiny_run(tmp_path_factory):
 def worse(results: dict, factor: float) -> dict:
     """A copy whose R-CNN looks ``factor`` times faster: Fast R-CNN's speedup shrinks."""
     r = copy.deepcopy(results)
-    s = r["speedup"]["inference"]
+    s = r["speedup"]["fast_rcnn/rcnn"]["inference"]
     s["value"] /= factor
     s["ci95"] = [v / factor for v in s["ci95"]]
     return r
@@ -45,35 +45,37 @@ def test_compare_passes_on_its_own_run_and_fails_on_a_slower_one(tiny_run, tmp_p
     write_json(bad, worse(results, 5.0))
     assert compare(baseline, bad) == 1
     out = capsys.readouterr().out
-    assert "REGRESSION" in out and "speedup_inference" in out.split("regression in")[-1]
+    assert "REGRESSION" in out
+    assert "speedup_inference[fast_rcnn/rcnn]" in out.split("regression in")[-1]
 
 
 def test_baseline_is_the_mean_of_several_runs(tiny_run, tmp_path):
     results = json.loads((tiny_run / "results.json").read_text())
     other = copy.deepcopy(results)
     other["run_id"] += "-b"
-    other["speedup"]["train"] = results["speedup"]["train"] + 1.0
+    train = results["speedup"]["fast_rcnn/rcnn"]["train"]
+    other["speedup"]["fast_rcnn/rcnn"]["train"] = train + 1.0
     path = tmp_path / "other.json"
     write_json(path, other)
     data = write_baseline([tiny_run, path], tmp_path / "b.json")
-    m = data["metrics"]["speedup_train"]
-    assert m["value"] == pytest.approx(results["speedup"]["train"] + 0.5)
-    assert m["spread"] == [results["speedup"]["train"], results["speedup"]["train"] + 1.0]
+    m = data["metrics"]["speedup_train[fast_rcnn/rcnn]"]
+    assert m["value"] == pytest.approx(train + 0.5)
+    assert m["spread"] == [train, train + 1.0]
     assert data["source_runs"] == [results["run_id"], other["run_id"]]
 
 
 def test_gate_uses_the_interval_not_the_point(tiny_run):
     results = json.loads((tiny_run / "results.json").read_text())
-    base = {"metrics": {"speedup_inference": {"value": 10.0, "tolerance": 0.2}}}
+    base = {"metrics": {"speedup_inference[fast_rcnn/rcnn]": {"value": 10.0, "tolerance": 0.2}}}
     r = copy.deepcopy(results)
-    r["speedup"]["inference"] = {
+    r["speedup"]["fast_rcnn/rcnn"]["inference"] = {
         "value": 7.0,
         "ci95": [5.0, 8.5],
     }  # point below 8, interval reaches it
     assert check(base, r)[0]["ok"]
-    r["speedup"]["inference"] = {"value": 7.0, "ci95": [6.0, 7.9]}
+    r["speedup"]["fast_rcnn/rcnn"]["inference"] = {"value": 7.0, "ci95": [6.0, 7.9]}
     assert not check(base, r)[0]["ok"]
-    base = {"metrics": {"map_rcnn": {"value": 0.6, "tolerance": 0.05}}}
+    base = {"metrics": {"map[rcnn]": {"value": 0.6, "tolerance": 0.05}}}
     r["pipelines"]["rcnn"]["map"]["voc07"] = 0.54
     assert not check(base, r)[0]["ok"]
     r["pipelines"]["rcnn"]["map"]["voc07"] = 0.56
@@ -106,7 +108,8 @@ def test_report_has_every_section(tiny_run, tmp_path):
     html, md = html_path.read_text(), md_path.read_text()
     titles = (
         "Inference time by stage", "Latency distribution", "proposals per image", "Per-class AP",
-        "Precision-recall", "Detections on test images", "Table 4", "Environment", "Config",
+        "Precision-recall", "Detections on test images", "beside the papers", "Speedups over R-CNN",
+        "Environment", "Config",
     )  # fmt: skip
     for title in titles:
         assert title in html and title in md, title

@@ -16,21 +16,40 @@ def test_shipped_configs_load(path):
 
 
 def test_defaults_and_overrides_keep_section_defaults():
-    cfg = load_config(None, ["rcnn.solver.iters=7", "fast_rcnn.bg_iou=[0.0, 0.5]"])
-    assert cfg.rcnn.solver.iters == 7 and cfg.rcnn.solver.paper_iters == 100000
-    assert cfg.fast_rcnn.bg_iou == (0.0, 0.5)
-    assert to_dict(cfg)["fast_rcnn"]["bg_iou"] == [0.0, 0.5]
+    overrides = ["pipelines.rcnn.solver.iters=7", "pipelines.fast_rcnn.bg_iou=[0.0, 0.5]"]
+    cfg = load_config(None, overrides)
+    rcnn, fast = cfg.pipelines["rcnn"], cfg.pipelines["fast_rcnn"]
+    assert rcnn.solver.iters == 7 and rcnn.solver.paper_iters == 100000
+    assert fast.bg_iou == (0.0, 0.5) and fast.solver.iters == 1000
+    assert to_dict(cfg)["pipelines"]["fast_rcnn"]["bg_iou"] == [0.0, 0.5]
+
+
+def test_pipeline_subset_and_baseline(tmp_path):
+    path = tmp_path / "two.yaml"
+    path.write_text("pipelines:\n  rcnn: {batch_size: 32}\n  fast_rcnn: {}\n")
+    cfg = load_config(path, ["pipelines=rcnn"])
+    assert list(cfg.pipelines) == ["rcnn"] and cfg.pipelines["rcnn"].batch_size == 32
+    with pytest.raises(ConfigError, match="bench.baseline: 'rcnn' is not among the pipelines run"):
+        load_config(path, ["pipelines=fast_rcnn"])
+    cfg = load_config(path, ["pipelines=fast_rcnn", "bench.baseline=fast_rcnn"])
+    assert list(cfg.pipelines) == ["fast_rcnn"]
+    with pytest.raises(ConfigError, match="no pipeline named 'yolo'"):
+        load_config(path, ["pipelines=rcnn,yolo"])
 
 
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("rcnn:\n  solvr: {iters: 3}\n", "unknown key 'rcnn.solvr'"),
+        ("pipelines:\n  rcnn:\n    solvr: {iters: 3}\n", "unknown key 'pipelines.rcnn.solvr'"),
         ("colour: red\n", "unknown key 'colour'"),
-        ("rcnn:\n  solver: {iters: many}\n", "rcnn.solver.iters: expected an integer, got 'many'"),
+        (
+            "pipelines: {rcnn: {solver: {iters: many}}}\n",
+            "pipelines.rcnn.solver.iters: expected an integer, got 'many'",
+        ),
         ("backbone: {name: resnet}\n", "backbone.name must be one of"),
         ("data: [1, 2]\n", "data: expected a mapping"),
-        ("rcnn: {keep_feature_cache: 1}\n", "expected true or false"),
+        ("pipelines: {rcnn: {keep_feature_cache: 1}}\n", "expected true or false"),
+        ("pipelines: {sppnet2: {}}\n", "pipelines.sppnet2: no pipeline named 'sppnet2'"),
         ("a: [\n", "not valid YAML at line"),
         ("- 1\n", "expected a mapping at the top level"),
     ],
@@ -48,6 +67,6 @@ def test_missing_file_and_bad_override(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml: config file is missing"):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="expected key.path=value"):
-        load_config(None, ["rcnn.solver.iters"])
+        load_config(None, ["pipelines.rcnn.solver.iters"])
     with pytest.raises(ConfigError, match="unknown key 'bench.timed'"):
         load_config(None, ["bench.timed=3"])

@@ -7,8 +7,9 @@ import pytest
 
 from benchmarks.cli import main
 from benchmarks.config import load_config
+from benchmarks.inference import sweep_boxes
 from benchmarks.results import ResultsError, read_results, validate
-from benchmarks.run import run, sweep_boxes
+from benchmarks.run import run
 
 
 def tiny_overrides(tmp_path):
@@ -20,12 +21,12 @@ def tiny_overrides(tmp_path):
         "proposal_workers=1",
         "proposals.resize_max_side=64",
         "proposals.max_proposals=30",
-        "rcnn.solver.iters=2",
-        "rcnn.batch_size=16",
-        "fast_rcnn.solver.iters=2",
-        "fast_rcnn.scale=64",
-        "fast_rcnn.max_size=128",
-        "fast_rcnn.svd_ranks=[16, 8]",
+        "pipelines.rcnn.solver.iters=2",
+        "pipelines.rcnn.batch_size=16",
+        "pipelines.fast_rcnn.solver.iters=2",
+        "pipelines.fast_rcnn.scale=64",
+        "pipelines.fast_rcnn.max_size=128",
+        "pipelines.fast_rcnn.svd_ranks=[16, 8]",
         "bench.warmup_images=1",
         "bench.sweep_proposals=[5, 40]",
         "bench.sweep_images=1",
@@ -47,11 +48,11 @@ def test_tiny_end_to_end_run_writes_valid_results(tmp_path):
         assert rec["inference"]["flops_per_image"] > 0
         assert 0 <= rec["map"]["voc07"] <= 1
         assert len(results["sweep"]["ms"][name]) == 2
-    assert results["pipelines"]["rcnn"]["feature_cache_bytes"] > 0
+    assert results["pipelines"]["rcnn"]["train"]["info"]["feature_cache_bytes"] > 0
     assert set(results["pipelines"]["rcnn"]["variants"]) == {"no_bbox_reg"}
     assert set(results["pipelines"]["fast_rcnn"]["variants"]) == {"svd"}
-    lo, hi = results["speedup"]["inference"]["ci95"]
-    assert lo <= results["speedup"]["inference"]["value"] <= hi
+    lo, hi = results["speedup"]["fast_rcnn/rcnn"]["inference"]["ci95"]
+    assert lo <= results["speedup"]["fast_rcnn/rcnn"]["inference"]["value"] <= hi
     history = (tmp_path / "reports" / "history.jsonl").read_text().splitlines()
     assert json.loads(history[-1])["run_id"] == run_dir.name
     # Proposals are cached: a second run reads them back.
@@ -77,11 +78,11 @@ def test_sweep_pads_with_jittered_copies_inside_the_image():
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
-    assert main(["run", "--set", "rcnn.nope=1"]) == 2
+    assert main(["run", "--set", "pipelines.rcnn.nope=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert (
         err.startswith("rcnn-bench: error:")
-        and "unknown key 'rcnn.nope'" in err
+        and "unknown key 'pipelines.rcnn.nope'" in err
         and "\n" not in err
     )
     assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 2

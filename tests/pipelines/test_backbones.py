@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from benchmarks.config import RunConfig
-from benchmarks.run import build_detectors, weights_sha1
+from benchmarks.run import build_pipelines, weights_sha1
 from pipelines.backbones import BackboneConfig, build_backbone
 
 
@@ -17,12 +17,15 @@ def test_seeded_init_is_reproducible():
 
 
 def test_both_detectors_start_from_the_same_weights():
-    dets = build_detectors(RunConfig(), num_classes=4, device=torch.device("cpu"))
+    cfg = RunConfig()
+    backbone = build_backbone(cfg.backbone)
+    dets = build_pipelines(cfg, backbone, num_classes=4, device=torch.device("cpu"))
     r, f = (d.net.state_dict() for d in dets.values())
     assert r.keys() == f.keys()
     assert all(torch.equal(r[k], f[k]) for k in r)
     assert dets["rcnn"].net is not dets["fast_rcnn"].net  # independent copies
     assert weights_sha1(dets["rcnn"].net) == weights_sha1(dets["fast_rcnn"].net)
+    assert weights_sha1(dets["rcnn"].net) == weights_sha1(backbone)
 
 
 @pytest.mark.parametrize("name, pool, size", [("alexnet", 6, 227), ("vgg16", 7, 224)])

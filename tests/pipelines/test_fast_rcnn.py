@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from pipelines.backbones import BackboneConfig, build_backbone
 from pipelines.boxes import flip_boxes
 from pipelines.detector import TrainData
 from pipelines.fast_rcnn import FastRCNN, FastRCNNConfig, detection_loss, prepare_image
 from pipelines.timing import StageTimer
 from pipelines.training import SolverConfig
+from tests.conftest import build_context
 
 
 def slow_roi_pool(features: torch.Tensor, roi, p: int, scale: float) -> torch.Tensor:
@@ -31,7 +31,7 @@ def slow_roi_pool(features: torch.Tensor, roi, p: int, scale: float) -> torch.Te
 
 
 def test_roi_pool_matches_slow_reference():
-    det = FastRCNN(build_backbone(BackboneConfig()), 3, FastRCNNConfig(), torch.device("cpu"))
+    det = FastRCNN(FastRCNNConfig(), build_context(3))
     features = torch.randn(1, 5, 9, 11)
     rois = torch.tensor(
         [[0, 0.0, 0, 175, 143], [0, 16, 32, 80, 64], [0, 40, 8, 47, 15], [0, 150, 100, 300, 300]]
@@ -79,7 +79,7 @@ def test_sampled_targets_follow_the_flip(tiny_voc):
     from pipelines.sampling import match, with_ground_truth
 
     ds = VOCDataset(tiny_voc[0], "trainval")
-    det = FastRCNN(build_backbone(BackboneConfig()), 4, FastRCNNConfig(), torch.device("cpu"))
+    det = FastRCNN(FastRCNNConfig(), build_context(4))
     ann = ds.annotations[0]
     gt = torch.from_numpy(ann.boxes)
     rois = with_ground_truth(gt + 1.0, gt)
@@ -104,7 +104,7 @@ def test_detect_with_zero_proposals_and_tiny_fit(tiny_voc):
     )
     data = TrainData([ds.load_image(i) for i in range(len(ds))], ds.annotations, props.boxes, 4)
     cfg = FastRCNNConfig(scale=64, max_size=128, svd_ranks=(8, 8), solver=SolverConfig(iters=3))
-    det = FastRCNN(build_backbone(BackboneConfig()), 4, cfg, torch.device("cpu"))
+    det = FastRCNN(cfg, build_context(4))
     timer = StageTimer("cpu")
     info = det.fit(data, timer)
     assert set(timer.seconds) == {"train", "svd"} and np.isfinite(info["final_loss"])

@@ -4,13 +4,13 @@ import numpy as np
 import torch
 
 from datasets.voc import VOCDataset
-from pipelines.backbones import BackboneConfig, build_backbone
 from pipelines.detector import TrainData
 from pipelines.proposals import ProposalConfig, load_or_compute
 from pipelines.rcnn import RCNN, RCNNConfig
 from pipelines.svm import SVMConfig
 from pipelines.timing import StageTimer
 from pipelines.training import SolverConfig
+from tests.conftest import build_context
 
 
 def test_tiny_fit_records_every_stage_and_detects(tiny_voc, tmp_path):
@@ -23,7 +23,7 @@ def test_tiny_fit_records_every_stage_and_detects(tiny_voc, tmp_path):
         batch_size=16,
         svm=SVMConfig(retrain_limit=20),
     )
-    det = RCNN(build_backbone(BackboneConfig()), 4, cfg, torch.device("cpu"), tmp_path / "cache")
+    det = RCNN(cfg, build_context(4, tmp_path / "cache"))
     timer = StageTimer("cpu")
     info = det.fit(data, timer)
     assert set(timer.seconds) == {"finetune", "features", "svm", "bbox_reg"}

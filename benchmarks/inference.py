@@ -1,0 +1,225 @@
+"""Harness stages that run the trained pipelines on the test images: the one timing loop (used for the
+main timing, the test-time variants and the proposal sweep), FLOPs and peak memory.
+
+Timing follows docs/design.md ("Timing rules"): batch size 1, inputs and proposals already in memory,
+warm-up images not counted, the device synchronized around every timed region, the pipelines
+alternating image by image, every run timing the same recorded list of images.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from benchmarks.config import BenchConfig
+from benchmarks.data import TestSet
+from benchmarks.memory import allocation_peak
+from pipelines.detector import Detections, Detector
+from pipelines.timing import StageTimer, synchronize
+
+__all__ = [
+    "TimingPlan",
+    "PassResult",
+    "plan_timing",
+    "time_pass",
+    "sweep_boxes",
+    "proposal_sweep",
+    "count_costs",
+]
+
+# (pipeline name, image index) -> the proposals that pipeline is given for that image.
+BoxesFor = Callable[[str, int], Tensor | None]
+
+
+@dataclass(frozen=True)
+class TimingPlan:
+    """Which test images warm up and which are timed (indices into the test split).
+
+    Attributes:
+        warmup: run once before timing, not counted.
+        timed: timed, in order; the same list for the main pass and every variant.
+        repeats: times each timed image is run; its figure is the median of these.
+    """
+
+    warmup: tuple[int, ...]
+    timed: tuple[int, ...]
+    repeats: int = 1
+
+
+@dataclass
+class PassResult:
+    """One pipeline's share of a timing pass.
+
+    Attributes:
+        samples_ms: per timed image (in ``plan.timed`` order), the median over the repeats.
+        stages_ms: per timed image, ms per stage (of the repeat whose total was the median).
+        detections: per image of the pass, its detections.
+    """
+
+    samples_ms: list[float] = field(default_factory=list)
+    stages_ms: list[dict[str, float]] = field(default_factory=list)
+    detections: list[Detections] = field(default_factory=list)
+
+    def mean_stages(self) -> dict[str, float]:
+        """Mean ms of each stage over the timed images (a stage an image skipped counts as 0)."""
+        names = sorted({k for stages in self.stages_ms for k in stages})
+        return {k: float(np.mean([s.get(k, 0.0) for s in self.stages_ms])) for k in names}
+
+
+def plan_timing(bench: BenchConfig, n_test: int) -> TimingPlan:
+    """The warm-up and timed images of a split of ``n_test`` images.
+
+    Raises:
+        ValueError: no image is left to time after the warm-up.
+    """
+    warmup = tuple(range(min(bench.warmup_images, n_test)))
+    timed = tuple(range(len(warmup), n_test))
+    if bench.timed_images:
+        timed = timed[: bench.timed_images]
+    if not timed:
+        raise ValueError(
+            f"bench.warmup_images: {bench.warmup_images} warm-up images leave none of the "
+            f"{n_test} test images to time; lower it"
+        )
+    return TimingPlan(warmup, timed, bench.repeats)
+
+
+def _timed_detect(
+    det: Detector, image: Tensor, boxes: Tensor | None, device: torch.device, variant: str | None
+) -> tuple[Detections, float, dict[str, float]]:
+    """One detection, its wall time (ms) and its stage times (ms)."""
+    timer = StageTimer(device)
+    synchronize(device)
+    start = time.perf_counter()
+    dets = det.detect(image, boxes, timer, variant)
+    synchronize(device)
+    ms = (time.perf_counter() - start) * 1000
+    return dets, ms, {k: v * 1000 for k, v in timer.seconds.items()}
+
+
+def _median_run(det, image, boxes, device, variant, repeats):
+    """The detections of the first run, and the time and stages of the median of ``repeats``."""
+    runs = [_timed_detect(det, image, boxes, device, variant) for _ in range(repeats)]
+    ordered = sorted(runs, key=lambda r: r[1])
+    median = ordered[(len(ordered) - 1) // 2]
+    return runs[0][0], median[1], median[2]
+
+
+def time_pass(
+    detectors: dict[str, Detector],
+    test: TestSet,
+    boxes_for: BoxesFor,
+    plan: TimingPlan,
+    device: torch.device,
+    images: tuple[int, ...] | None = None,
+    variant: str | None = None,
+    desc: str = "inference",
+) -> dict[str, PassResult]:
+    """Run every pipeline on ``images`` (default: the whole split), alternating their order image by
+    image, after the plan's warm-up; time the images of ``plan.timed``.
+
+    Args:
+        detectors: the pipelines of this pass.
+        test: the test split in memory.
+        boxes_for: the proposals each pipeline gets for each image.
+        plan: the warm-up and timed images.
+        device: where they run (synchronized around each detection).
+        images: the images to run (their detections are kept); None: every test image.
+        variant: the test-time variant every pipeline of the pass runs.
+        desc: the progress bar's label.
+    """
+    order = list(detectors.items())
+    for i in plan.warmup:
+        for name, det in order:
+            _timed_detect(det, test.images[i], boxes_for(name, i), device, variant)
+    timed = set(plan.timed)
+    out = {name: PassResult() for name in detectors}
+    indices = range(len(test.images)) if images is None else images
+    for step, i in enumerate(tqdm(indices, desc=desc, unit="img", delay=2)):
+        for name, det in order if step % 2 == 0 else order[::-1]:
+            repeats = plan.repeats if i in timed else 1
+            run = _median_run(det, test.images[i], boxes_for(name, i), device, variant, repeats)
+            out[name].detections.append(run[0])
+            if i in timed:
+                out[name].samples_ms.append(run[1])
+                out[name].stages_ms.append(run[2])
+    return out
+
+
+def sweep_boxes(boxes: np.ndarray, n: int, size: tuple[int, int], seed: int) -> np.ndarray:
+    """Exactly ``n`` proposals for the sweep: the first n, or all of them padded with jittered copies
+    (each shifted and scaled by up to 10% and clipped to the image) when there are fewer."""
+    if len(boxes) >= n:
+        return boxes[:n]
+    rng = np.random.default_rng(seed)
+    extra = boxes[rng.integers(0, len(boxes), size=n - len(boxes))].copy()
+    wh = extra[:, 2:] - extra[:, :2]
+    extra += np.concatenate((wh, wh), axis=1) * rng.uniform(-0.1, 0.1, size=extra.shape)
+    h, w = size
+    extra = np.clip(extra, 0, [w, h, w, h])
+    extra[:, 2:] = np.maximum(extra[:, 2:], extra[:, :2] + 1)
+    return np.concatenate((boxes, extra.astype(np.float32)))
+
+
+def proposal_sweep(
+    detectors: dict[str, Detector],
+    test: TestSet,
+    plan: TimingPlan,
+    bench: BenchConfig,
+    device: torch.device,
+) -> dict:
+    """Median ms per image of each pipeline at each proposal count of ``bench.sweep_proposals``, on
+    the first ``bench.sweep_images`` timed images. A pipeline that owns its proposals is timed as is.
+
+    Returns:
+        {"proposals": [...], "images": n, "ms": {pipeline: [median ms per point]}}.
+    """
+    images = plan.timed[: bench.sweep_images]
+    sweep_plan = TimingPlan((), images, plan.repeats)
+    ms: dict[str, list[float]] = {name: [] for name in detectors}
+    for n in bench.sweep_proposals:
+        boxes = {
+            i: torch.from_numpy(
+                sweep_boxes(
+                    test.boxes[i].cpu().numpy(), n, tuple(test.images[i].shape[:2]), bench.seed + i
+                )
+            ).to(device)
+            for i in images
+        }
+        passes = time_pass(
+            detectors,
+            test,
+            lambda name, i, b=boxes: None if detectors[name].owns_proposals else b[i],
+            sweep_plan,
+            device,
+            images=images,
+            desc=f"sweep {n} proposals",
+        )
+        for name, result in passes.items():
+            ms[name].append(float(np.median(result.samples_ms)))
+    return {"proposals": list(bench.sweep_proposals), "images": len(images), "ms": ms}
+
+
+def count_costs(
+    det: Detector, image: Tensor, boxes: Tensor | None, device: torch.device
+) -> dict[str, int | str]:
+    """FLOPs of one detection (torch's FLOP counter) and the peak memory it holds.
+
+    Returns:
+        {"flops", "peak_memory_bytes", "peak_memory_method"}.
+    """
+    with FlopCounterMode(display=False) as counter:
+        det.detect(image, boxes, StageTimer(device))
+    peak, method = allocation_peak(lambda: det.detect(image, boxes, StageTimer(device)), device)
+    return {
+        "flops": int(counter.get_total_flops()),
+        "peak_memory_bytes": int(peak),
+        "peak_memory_method": method,
+    }

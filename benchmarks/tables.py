@@ -1,0 +1,157 @@
+"""The tables of a run, built once from results.json: the console summary and both reports use them.
+
+Each function returns a pandas DataFrame of display strings; ``markdown`` and ``console`` render one.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+__all__ = [
+    "pipeline_table",
+    "speedup_table",
+    "paper_table",
+    "markdown",
+    "console",
+    "summary",
+]
+
+
+def _f(value: float | None, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def pipeline_table(results: dict, detail: bool = False) -> pd.DataFrame:
+    """One row per pipeline and per test-time variant: training, latency, FLOPs and mAP.
+
+    Args:
+        results: a results.json.
+        detail: add the report's extra columns (stage times, GFLOP/s, peak memory, area mAP).
+    """
+    rows = {}
+    for rec in results["pipelines"].values():
+        inf, train = rec["inference"], rec["train"]
+        row = {
+            "train s": _f(train["total_s"], 1),
+            "paper-sched h": _f(train["paper_schedule"]["hours"], 2),
+            "ms/img med": _f(inf["ms_per_image"]["median"], 1),
+            "p90": _f(inf["ms_per_image"]["p90"], 1),
+            "end-to-end ms": _f(inf["end_to_end_ms_per_image"], 1),
+            "GFLOP/img": _f(inf["flops_per_image"] / 1e9, 2),
+            "VOC07 mAP": _f(rec["map"]["voc07"], 3),
+            "mAP@0.7": _f(rec["map"]["voc07_strict"], 3),
+        }
+        if detail:
+            row["train stages (s)"] = ", ".join(
+                f"{k} {v:.1f}" for k, v in train["stages_s"].items()
+            )
+            row["GFLOP/s"] = _f(inf.get("achieved_gflops_per_s"), 1)
+            row["peak MiB"] = _f(rec["peak_memory_bytes"] / 2**20, 0)
+            row["area mAP"] = _f(rec["map"]["area"], 3)
+        rows[rec["label"]] = row
+        for variant, v in rec.get("variants", {}).items():
+            rows[f"  {variant}"] = {
+                "ms/img med": _f(v["ms_per_image"]["median"], 1),
+                "p90": _f(v["ms_per_image"]["p90"], 1),
+                "VOC07 mAP": _f(v["map"]["voc07"], 3),
+                "mAP@0.7": _f(v["map"]["voc07_strict"], 3),
+                **({"area mAP": _f(v["map"]["area"], 3)} if detail else {}),
+            }
+    return pd.DataFrame(rows).T.fillna("")
+
+
+def speedup_table(results: dict) -> pd.DataFrame:
+    """One row per speedup pair: baseline time / candidate time for training, inference (paired
+    per-image geometric mean with its 95% interval, and the ratio of medians), end to end and FLOPs."""
+    labels = {name: rec["label"] for name, rec in results["pipelines"].items()}
+    rows = {}
+    for s in results["speedup"].values():
+        paired = s["inference"].get("paired")
+        row = {
+            "train": _f(s["train"], 2),
+            "train (paper sched)": _f(s.get("train_paper_schedule"), 2),
+            "inference": _f(s["inference"]["value"], 2),
+        }
+        if paired:
+            lo, hi = paired["ci95"]
+            sp = paired["spread"]
+            row["inference, paired (95% CI)"] = f"{paired['geomean']:.2f} ({lo:.2f}-{hi:.2f})"
+            row["per-image range"] = f"{sp['min']:.1f}-{sp['max']:.1f}"
+        row["end-to-end"] = _f(s["end_to_end"], 2)
+        row["FLOPs"] = _f(s.get("flops"), 2)
+        rows[f"{labels[s['candidate']]} over {labels[s['baseline']]}"] = row
+    return pd.DataFrame(rows).T.fillna("")
+
+
+def paper_table(results: dict) -> pd.DataFrame:
+    """The run in the shape of the Fast R-CNN paper's Table 4: per pipeline, this run's training
+    hours, test seconds per image and VOC07 mAP, with the published figures beside them."""
+    base = results["baseline"]
+    pipes = results["pipelines"]
+    cols = {}
+    for name, rec in pipes.items():
+        paper = rec.get("paper") or {}
+        ratio = _paper_speedup(pipes[base].get("paper") or {}, paper)
+        cols[f"{rec['label']} (this run)"] = {
+            "train time (h, measured)": _g(rec["train"]["total_s"] / 3600),
+            "train time (h, paper schedule)": _g(rec["train"]["paper_schedule"]["hours"]),
+            "test rate (s/im, median, no proposals)": _g(
+                rec["inference"]["ms_per_image"]["median"] / 1000
+            ),
+            "test speedup": _g(_run_speedup(results, base, name)),
+            "VOC07 mAP (%)": _g(100 * rec["map"]["voc07"]),
+        }
+        if paper:
+            cols[f"{rec['label']} (paper)"] = {
+                "train time (h, measured)": _g(paper.get("train_hours")),
+                "train time (h, paper schedule)": "",
+                "test rate (s/im, median, no proposals)": _g(paper.get("test_seconds")),
+                "test speedup": _g(ratio),
+                "VOC07 mAP (%)": _g(paper.get("voc07_map")),
+            }
+    return pd.DataFrame(cols)
+
+
+def _run_speedup(results: dict, base: str, name: str) -> float:
+    if name == base:
+        return 1.0
+    for s in results["speedup"].values():
+        if s["baseline"] == base and s["candidate"] == name:
+            return s["inference"]["value"]
+    return float("nan")
+
+
+def _paper_speedup(base: dict, paper: dict) -> float | None:
+    if base.get("test_seconds") and paper.get("test_seconds"):
+        return base["test_seconds"] / paper["test_seconds"]
+    return None
+
+
+def _g(v: float | None) -> str:
+    """A figure to 3-4 significant places; blank for none."""
+    if v is None or v != v:
+        return ""
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 1:
+        return f"{v:.2f}"
+    return f"{v:.4f}"
+
+
+def markdown(df: pd.DataFrame) -> str:
+    """A GitHub Markdown table (pandas' to_markdown needs tabulate, which the suite does not)."""
+    cols = [str(c) for c in df.columns]
+    lines = ["| | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for idx, row in df.iterrows():
+        lines.append(f"| {idx} | " + " | ".join(str(v).replace("|", "/") for v in row) + " |")
+    return "\n".join(lines)
+
+
+def console(df: pd.DataFrame) -> str:
+    """Plain text columns for a terminal."""
+    return df.to_string()
+
+
+def summary(results: dict) -> str:
+    """What `rcnn-bench run` prints at the end: the pipeline table and the speedups."""
+    return console(pipeline_table(results)) + "\n\n" + console(speedup_table(results))
