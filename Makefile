@@ -1,5 +1,5 @@
 # Two commands a new user needs: `make bench` and `make test`. Both create .venv and install the suite
-# into it when it is missing or older than setup.cfg.
+# into it (editable, with the dev tools) when it is missing or older than setup.cfg / pyproject.toml.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,21 +7,16 @@ STAMP := $(VENV)/.installed
 # The formatter wraps code at 100; docstrings and comments may run to 110.
 RUFF_FLAGS := --target-version py310 --config "line-length = 100"
 RUFF_CHECK := --config "lint.pycodestyle.max-line-length = 110"
-RUFF_RULES := E,F,W,I,B,UP,NPY
+RUFF_RULES := E,F,W,I,B,UP,NPY,RUF
 CONFIG ?= benchmarks/configs/default.yaml
 
 .PHONY: install bench test lint format microbench clean
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg
+$(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet setuptools wheel
-	rm -rf build/editable
-	# setup.cfg is the only packaging file: build an editable wheel through setuptools' PEP 660 hook.
-	$(PY) -c "import sys; from setuptools import build_meta; print(build_meta.build_editable(sys.argv[1]))" build/editable > build.whl-name.tmp
-	$(PY) -m pip install "build/editable/$$(tail -n 1 build.whl-name.tmp)[dev]"
-	rm -f build.whl-name.tmp
+	$(PY) -m pip install -e ".[dev]"
 	$(PY) -c "import torchvision.ops, cv2.ximgproc; torchvision.ops.nms"
 	touch $(STAMP)
 

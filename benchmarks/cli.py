@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["main", "DEFAULT_CONFIG"]
+__all__ = ["DEFAULT_CONFIG", "main"]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 

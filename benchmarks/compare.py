@@ -13,7 +13,7 @@ from pathlib import Path
 
 from benchmarks.results import ResultsError, read_json, read_results, write_json
 
-__all__ = ["compare", "tracked_metrics", "check", "write_baseline"]
+__all__ = ["check", "compare", "tracked_metrics", "write_baseline"]
 
 # Used for a metric a baseline file does not set yet. Set from runs of ci.yaml on a 2-core CPU
 # (benchmarks/NOTES.md): the inference speedup's point value moved 3% and its interval top never fell

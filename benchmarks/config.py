@@ -23,7 +23,7 @@ from pipelines import registry
 from pipelines.backbones import BackboneConfig
 from pipelines.proposals import ProposalConfig
 
-__all__ = ["ConfigError", "DataConfig", "BenchConfig", "RunConfig", "load_config", "to_dict"]
+__all__ = ["BenchConfig", "ConfigError", "DataConfig", "RunConfig", "load_config", "to_dict"]
 
 
 class ConfigError(ValueError):
@@ -50,7 +50,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """How inference is timed (shared/DESIGN.md, "Timing rules")."""
+    """How inference is timed (docs/design.md, "Timing rules")."""
 
     warmup_images: int = 2  # per pipeline, not counted
     timed_images: int = 0  # 0: every test image (the full configs time at least 64)

@@ -20,12 +20,12 @@ from pipelines.proposals import ProposalSet, load_or_compute
 __all__ = [
     "Splits",
     "TestSet",
-    "log",
     "ensure_dataset",
     "load_splits",
-    "shared_proposals",
-    "load_train_set",
     "load_test_set",
+    "load_train_set",
+    "log",
+    "shared_proposals",
 ]
 
 

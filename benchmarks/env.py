@@ -1,4 +1,4 @@
-"""The environment a result was measured in (shared/DESIGN.md: recorded with every result)."""
+"""The environment a result was measured in (docs/design.md: recorded with every result)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-__all__ = ["environment", "resolve_device", "cpu_model"]
+__all__ = ["cpu_model", "environment", "resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -43,9 +43,13 @@ def cpu_model() -> str:
 def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(
-            ["git", *args], capture_output=True, text=True, timeout=10, check=True,
+            ["git", *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
             cwd=Path(__file__).resolve().parent,
-        )  # fmt: skip
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip()

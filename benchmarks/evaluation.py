@@ -18,7 +18,7 @@ from datasets.voc import Annotation
 from pipelines.boxes import box_iou
 from pipelines.detector import Detections
 
-__all__ = ["VOCEvaluator", "voc07_ap", "area_ap"]
+__all__ = ["VOCEvaluator", "area_ap", "voc07_ap"]
 
 
 def voc07_ap(recall: np.ndarray, precision: np.ndarray) -> float:

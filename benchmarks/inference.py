@@ -25,13 +25,13 @@ from pipelines.detector import Detections, Detector
 from pipelines.timing import StageTimer, synchronize
 
 __all__ = [
-    "TimingPlan",
     "PassResult",
-    "plan_timing",
-    "time_pass",
-    "sweep_boxes",
-    "proposal_sweep",
+    "TimingPlan",
     "count_costs",
+    "plan_timing",
+    "proposal_sweep",
+    "sweep_boxes",
+    "time_pass",
 ]
 
 # (pipeline name, image index) -> the proposals that pipeline is given for that image.
@@ -184,15 +184,9 @@ def proposal_sweep(
     images = plan.timed[: bench.sweep_images]
     sweep_plan = TimingPlan((), images, plan.repeats)
     ms: dict[str, list[float]] = {name: [] for name in detectors}
+    uses_shared = any(not det.owns_proposals for det in detectors.values())
     for n in bench.sweep_proposals:
-        boxes = {
-            i: torch.from_numpy(
-                sweep_boxes(
-                    test.boxes[i].cpu().numpy(), n, tuple(test.images[i].shape[:2]), bench.seed + i
-                )
-            ).to(device)
-            for i in images
-        }
+        boxes = {i: _sweep_point(test, i, n, bench.seed, device) for i in images if uses_shared}
         passes = time_pass(
             detectors,
             test,
@@ -205,6 +199,12 @@ def proposal_sweep(
         for name, result in passes.items():
             ms[name].append(float(np.median(result.samples_ms)))
     return {"proposals": list(bench.sweep_proposals), "images": len(images), "ms": ms}
+
+
+def _sweep_point(test: TestSet, i: int, n: int, seed: int, device: torch.device) -> Tensor:
+    """Image i's shared proposals, cut or padded to exactly ``n``."""
+    size = tuple(test.images[i].shape[:2])
+    return torch.from_numpy(sweep_boxes(test.boxes[i].cpu().numpy(), n, size, seed + i)).to(device)
 
 
 def count_costs(

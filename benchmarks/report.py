@@ -15,16 +15,16 @@ import matplotlib
 import matplotlib.colors
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
-from jinja2 import Environment, FileSystemLoader, StrictUndefined  # noqa: E402
-from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import yaml
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
-from benchmarks import tables  # noqa: E402
-from benchmarks.results import history_line, read_results  # noqa: E402
-from datasets.voc import read_image  # noqa: E402
+from benchmarks import tables
+from benchmarks.results import history_line, read_results
+from datasets.voc import read_image
 
 __all__ = ["render"]
 

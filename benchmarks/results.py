@@ -8,15 +8,15 @@ import math
 from pathlib import Path
 
 __all__ = [
-    "SCHEMA_VERSION",
     "REQUIRED",
+    "SCHEMA_VERSION",
     "ResultsError",
+    "append_history",
+    "read_json",
+    "read_results",
     "upgrade",
     "validate",
     "write_json",
-    "read_json",
-    "read_results",
-    "append_history",
 ]
 
 SCHEMA_VERSION = 2
@@ -83,9 +83,7 @@ def _lookup(tree: dict, parts: list[str], where: str) -> list[str]:
     head, rest = parts[0], parts[1:]
     if not isinstance(tree, dict):
         return [where]
-    if head == "*":
-        if not tree:
-            return [f"{where}.*"]
+    if head == "*":  # every entry of the mapping (an empty one requires nothing)
         return [m for k, v in tree.items() for m in _lookup(v, rest, f"{where}.{k}")]
     if head not in tree:
         return [f"{where}.{head}".lstrip(".")]
@@ -134,6 +132,8 @@ def validate(results: dict, source: str = "results") -> None:
         raise ResultsError(
             f"{source}: schema_version {results['schema_version']!r}, expected {SCHEMA_VERSION}"
         )
+    if not isinstance(results["pipelines"], dict) or not results["pipelines"]:
+        raise ResultsError(f"{source}: pipelines holds no pipeline")
     for name, rec in results["pipelines"].items():
         median = rec["inference"]["ms_per_image"]["median"]
         if not (isinstance(median, int | float) and math.isfinite(median) and median > 0):

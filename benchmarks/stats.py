@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["summarize", "bootstrap_ratio", "paired_ratio"]
+__all__ = ["bootstrap_ratio", "paired_ratio", "summarize"]
 
 
 def summarize(samples_ms: list[float] | np.ndarray) -> dict[str, float]:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import pandas as pd
 
 __all__ = [
+    "console",
+    "markdown",
+    "paper_table",
     "pipeline_table",
     "speedup_table",
-    "paper_table",
-    "markdown",
-    "console",
     "summary",
 ]
 

@@ -21,18 +21,35 @@ import numpy as np
 
 __all__ = [
     "VOC_CLASSES",
-    "DatasetError",
     "Annotation",
+    "DatasetError",
     "VOCDataset",
-    "read_image",
     "parse_annotation",
+    "read_image",
 ]
 
 VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
     "tvmonitor",
-)  # fmt: skip
+)
 
 
 class DatasetError(ValueError):

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torchvision import models
 
-__all__ = ["BackboneConfig", "Backbone", "build_backbone", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Backbone", "BackboneConfig", "build_backbone"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -20,7 +20,7 @@ from torch import Tensor
 from pipelines.boxes import decode_deltas, encode_deltas
 from pipelines.sampling import Matches
 
-__all__ = ["BoxRegressors", "RegressionExamples", "regression_examples", "fit_box_regressors"]
+__all__ = ["BoxRegressors", "RegressionExamples", "fit_box_regressors", "regression_examples"]
 
 
 @dataclass
@@ -42,9 +42,13 @@ class BoxRegressors:
 
     def to(self, device: torch.device) -> BoxRegressors:
         return BoxRegressors(
-            self.weight.to(device), self.bias.to(device), self.t_inv.to(device), self.mu.to(device),
-            self.trained.to(device), self.examples,
-        )  # fmt: skip
+            self.weight.to(device),
+            self.bias.to(device),
+            self.t_inv.to(device),
+            self.mu.to(device),
+            self.trained.to(device),
+            self.examples,
+        )
 
     def predict(self, features: Tensor, boxes: Tensor, class_index: Tensor) -> Tensor:
         """Regress boxes.
@@ -152,6 +156,10 @@ def fit_box_regressors(
         bias[j] = ridge.intercept_
         trained[j] = True
     return BoxRegressors(
-        torch.from_numpy(weight), torch.from_numpy(bias), torch.from_numpy(t_inv),
-        torch.from_numpy(mu), torch.from_numpy(trained), examples,
-    )  # fmt: skip
+        torch.from_numpy(weight),
+        torch.from_numpy(bias),
+        torch.from_numpy(t_inv),
+        torch.from_numpy(mu),
+        torch.from_numpy(trained),
+        examples,
+    )

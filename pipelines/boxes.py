@@ -1,11 +1,13 @@
 """Box maths shared by both pipelines: pure functions on float (N, 4) xyxy tensors.
 
-Conventions (shared/DESIGN.md): boxes are (x1, y1, x2, y2) in 0-based pixels, width = x2 - x1;
+Conventions (docs/design.md): boxes are (x1, y1, x2, y2) in 0-based pixels, width = x2 - x1;
 RoIs for pooling are (K, 5) with the image index in column 0; image sizes are (H, W).
 ``box_iou`` is all-pairs: it gives (N, M).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -13,17 +15,18 @@ from torchvision.ops import box_iou as _tv_box_iou
 
 __all__ = [
     "box_iou",
-    "encode_deltas",
-    "decode_deltas",
+    "boxes_to_rois",
     "clip_boxes",
+    "decode_deltas",
+    "encode_deltas",
+    "flip_boxes",
     "min_side_keep",
     "unique_boxes",
-    "boxes_to_rois",
-    "flip_boxes",
 ]
 
-# exp() of a log-scale delta above this overflows the box for no benefit (log(1000 / 16)).
-_MAX_LOG_SCALE = 4.135
+# The largest log-scale delta decoded: a box may grow at most 1000 / 16 times its size in one step
+# (exp() of more overflows the box for no benefit).
+_MAX_LOG_SCALE = math.log(1000.0 / 16)
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from pipelines.boxes import clip_boxes
 from pipelines.registry import BuildContext, PaperFigures
 from pipelines.timing import StageTimer
 
-__all__ = ["Detections", "TrainData", "Detector", "normalize_image", "candidates", "select"]
+__all__ = ["Detections", "Detector", "TrainData", "candidates", "normalize_image", "select"]
 
 
 @dataclass

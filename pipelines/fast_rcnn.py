@@ -32,7 +32,7 @@ from pipelines.svd import compress_head
 from pipelines.timing import StageTimer
 from pipelines.training import SolverConfig, run_sgd
 
-__all__ = ["FastRCNNConfig", "FastRCNN", "prepare_image", "detection_loss"]
+__all__ = ["FastRCNN", "FastRCNNConfig", "detection_loss", "prepare_image"]
 
 
 @dataclass(frozen=True)

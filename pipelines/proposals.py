@@ -27,11 +27,11 @@ from datasets.voc import DatasetError, VOCDataset, read_image
 from pipelines.boxes import box_iou, clip_boxes, min_side_keep, unique_boxes
 
 __all__ = [
+    "ProposalCacheError",
     "ProposalConfig",
     "ProposalSet",
-    "ProposalCacheError",
-    "selective_search",
     "load_or_compute",
+    "selective_search",
 ]
 
 CACHE_VERSION = 1

@@ -34,7 +34,7 @@ from pipelines.timing import StageTimer
 from pipelines.training import SolverConfig, run_sgd
 from pipelines.warp import warp_regions
 
-__all__ = ["RCNNConfig", "RCNN", "FeatureCache"]
+__all__ = ["RCNN", "FeatureCache", "RCNNConfig"]
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from pipelines.backbones import Backbone
     from pipelines.detector import Detector
 
-__all__ = ["PaperFigures", "BuildContext", "register", "registered", "get", "BUILTIN_MODULES"]
+__all__ = ["BUILTIN_MODULES", "BuildContext", "PaperFigures", "get", "register", "registered"]
 
 # The modules that define the built-in pipelines; importing them registers their classes.
 BUILTIN_MODULES = ("pipelines.rcnn", "pipelines.fast_rcnn")

@@ -69,7 +69,7 @@ def sample_fg_bg(
     """
     fg = torch.nonzero(iou >= fg_iou).flatten()
     bg = torch.nonzero((iou >= bg_iou[0]) & (iou < bg_iou[1])).flatten()
-    n_fg = min(int(round(batch_size * fg_fraction)), fg.numel())
+    n_fg = min(round(batch_size * fg_fraction), fg.numel())
     n_bg = min(batch_size - n_fg, bg.numel())
     fg = fg[torch.randperm(fg.numel(), generator=generator)[:n_fg]]
     bg = bg[torch.randperm(bg.numel(), generator=generator)[:n_bg]]

@@ -11,7 +11,7 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["truncate_linear", "compress_head"]
+__all__ = ["compress_head", "truncate_linear"]
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from pipelines.boxes import box_iou
 
-__all__ = ["SVMConfig", "ClassRecord", "negative_mask", "train_svms"]
+__all__ = ["ClassRecord", "SVMConfig", "negative_mask", "train_svms"]
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The stage timer both pipelines and the harness use.
 
 On CUDA the device is synchronized before a stage starts and before it ends, so that a stage's time is
-the work it queued, not the time to queue it (shared/DESIGN.md, "Timing rules").
+the work it queued, not the time to queue it (docs/design.md, "Timing rules").
 """
 
 from __future__ import annotations
@@ -47,12 +47,3 @@ class StageTimer:
         finally:
             synchronize(self.device)
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-    def reset(self) -> dict[str, float]:
-        """Return the stage times so far and start again from zero."""
-        out, self.seconds = self.seconds, {}
-        return out
-
-    @property
-    def total(self) -> float:
-        return sum(self.seconds.values())

@@ -8,9 +8,15 @@ import torch
 from datasets.synthetic import SyntheticConfig, generate
 
 TINY_DATA = SyntheticConfig(
-    seed=3, train_images=6, test_images=4, min_size=(64, 80), max_size=(80, 96), max_objects=3,
-    min_side=12, max_side_fraction=0.6,
-)  # fmt: skip
+    seed=3,
+    train_images=6,
+    test_images=4,
+    min_size=(64, 80),
+    max_size=(80, 96),
+    max_objects=3,
+    min_side=12,
+    max_side_fraction=0.6,
+)
 
 
 @pytest.fixture(autouse=True)

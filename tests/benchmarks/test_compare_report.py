@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -86,7 +87,8 @@ def test_bad_baseline_files(tmp_path):
     path = tmp_path / "b.json"
     path.write_text('{"metrics": {"speedup_train": {"value": 2}}}')
     with pytest.raises(
-        ResultsError, match="b.json: metric 'speedup_train' needs 'value' and 'tolerance'"
+        ResultsError,
+        match=re.escape("b.json: metric 'speedup_train' needs 'value' and 'tolerance'"),
     ):
         read_baseline(path)
     path.write_text("[]")
@@ -107,10 +109,17 @@ def test_report_has_every_section(tiny_run, tmp_path):
     assert html_path.is_file() and md_path.is_file()  # written by the run itself
     html, md = html_path.read_text(), md_path.read_text()
     titles = (
-        "Inference time by stage", "Latency distribution", "proposals per image", "Per-class AP",
-        "Precision-recall", "Detections on test images", "beside the papers", "Speedups over R-CNN",
-        "Environment", "Config",
-    )  # fmt: skip
+        "Inference time by stage",
+        "Latency distribution",
+        "proposals per image",
+        "Per-class AP",
+        "Precision-recall",
+        "Detections on test images",
+        "beside the papers",
+        "Speedups over R-CNN",
+        "Environment",
+        "Config",
+    )
     for title in titles:
         assert title in html and title in md, title
     assert html.count("data:image/png;base64,") >= 6 and 'src="figures/' not in html
@@ -136,21 +145,32 @@ def test_report_renders_in_a_real_browser(tiny_run, tmp_path):
             )
         pytest.skip("Debian's chromium is not installed")
     html = tiny_run / "report.html"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
     dom = subprocess.run(
         ["chromium", *flags, "--virtual-time-budget=5000", "--dump-dom", html.as_uri()],
-        capture_output=True, text=True, timeout=120,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     marker = dom.split('data-figures-loaded="')[1].split('"')[0]
     loaded, total = (int(v) for v in marker.split("/"))
     assert total >= 6 and loaded == total
     shot = tmp_path / "shot.png"
     subprocess.run(
         ["chromium", *flags, "--window-size=1200,2400", f"--screenshot={shot}", html.as_uri()],
-        capture_output=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        timeout=120,
+    )
     from matplotlib import image as mpimg
 
     pixels = mpimg.imread(shot)

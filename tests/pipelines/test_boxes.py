@@ -13,7 +13,7 @@ from pipelines.boxes import (
     flip_boxes,
     min_side_keep,
     unique_boxes,
-)  # fmt: skip
+)
 
 
 def test_iou_hand_computed():
@@ -62,3 +62,15 @@ def test_clip_min_side_unique_flip_rois():
     assert_close(flip_boxes(torch.tensor([[2.0, 1, 5, 3]]), 10), torch.tensor([[5.0, 1, 8, 3]]))
     rois = boxes_to_rois([b[:2], b[2:3]])
     assert rois.shape == (3, 5) and rois[:, 0].tolist() == [0, 0, 1]
+
+
+def test_unique_boxes_matches_a_loop_reference():
+    gen = torch.Generator().manual_seed(0)
+    pool = torch.randint(0, 6, (8, 4), generator=gen).float()
+    boxes = pool[torch.randint(0, 8, (60,), generator=gen)]  # many repeats, in random order
+    seen, want = [], []
+    for i, box in enumerate(boxes.tolist()):
+        if box not in seen:
+            seen.append(box)
+            want.append(i)
+    assert unique_boxes(boxes).tolist() == want

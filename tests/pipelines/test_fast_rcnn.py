@@ -89,7 +89,7 @@ def test_sampled_targets_follow_the_flip(tiny_voc):
     fg = labels > 0
     assert fg.any() and (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= w + 1).all()
     # Flipping mirrors dx and keeps the other deltas.
-    _, boxes_nf, targets_nf = det._sample(rois, gt, m, torch.Generator().manual_seed(0), False, w)
+    _, _, targets_nf = det._sample(rois, gt, m, torch.Generator().manual_seed(0), False, w)
     assert_close(targets[fg][:, 0], -targets_nf[fg][:, 0])
     assert_close(targets[fg][:, 1:], targets_nf[fg][:, 1:])
 

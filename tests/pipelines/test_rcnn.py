@@ -31,7 +31,10 @@ def test_tiny_fit_records_every_stage_and_detects(tiny_voc, tmp_path):
         int((~a.difficult).sum()) for a in ds.annotations
     )
     assert info["feature_cache_regions"] == regions
-    assert info["feature_cache_bytes"] >= regions * 256 * 2  # fc7 in float16 at least
+    # fc7 of every region and pool5 (128 x 4 x 4) of every box-regression example, float16, plus
+    # the two .npy headers of 128 bytes.
+    examples = sum(info["bbox_examples"])
+    assert info["feature_cache_bytes"] == 2 * 128 + regions * 256 * 2 + examples * 2048 * 2
     assert not list((tmp_path / "cache").glob("rcnn-features-*"))  # removed after training
     assert any(s["rounds"] >= 2 for s in info["svm"])
     image = torch.from_numpy(ds.load_image(1))

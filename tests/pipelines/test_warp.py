@@ -29,9 +29,11 @@ def slow_warp(image: np.ndarray, box, size: int, pad: int) -> np.ndarray:
             x1i, y1i = min(x0 + 1, w - 1), min(y0 + 1, h - 1)
             fx, fy = px - x0, py - y0
             out[:, i, j] = (
-                image[:, y0, x0] * (1 - fx) * (1 - fy) + image[:, y0, x1i] * fx * (1 - fy)
-                + image[:, y1i, x0] * (1 - fx) * fy + image[:, y1i, x1i] * fx * fy
-            )  # fmt: skip
+                image[:, y0, x0] * (1 - fx) * (1 - fy)
+                + image[:, y0, x1i] * fx * (1 - fy)
+                + image[:, y1i, x0] * (1 - fx) * fy
+                + image[:, y1i, x1i] * fx * fy
+            )
     return out
 
 
