@@ -90,8 +90,8 @@ def _cast_shadow(
     if strength <= 0:
         return
     bh, bw = mask.shape
-    dx = int(round(bw * rng.uniform(0.1, 0.25)))
-    dy = int(round(bh * rng.uniform(0.1, 0.25)))
+    dx = round(bw * rng.uniform(0.1, 0.25))
+    dy = round(bh * rng.uniform(0.1, 0.25))
     h, w = image.shape[:2]
     sx2, sy2 = min(x1 + dx + bw, w), min(y1 + dy + bh, h)
     if sx2 <= x1 + dx or sy2 <= y1 + dy:
