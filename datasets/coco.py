@@ -44,6 +44,10 @@ def load_coco(path: str | Path) -> COCO:
     return coco
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def coco_json(
     annotations: list[Annotation], classes: tuple[str, ...], image_ids: list[int] | None = None
 ) -> dict:
@@ -117,7 +121,9 @@ class COCODataset:
         coco = load_coco(self.ann_file)
         images = list(coco.imgs.values())
         if not images:
-            raise DatasetError(self.ann_file, f"split {split_name!r} lists no images")
+            raise DatasetError(
+                self.ann_file, f"split {split_name!r} lists no images; is this its annotation file?"
+            )
         images = images[:limit] if limit else images
         objects = [coco.imgToAnns[image["id"]] for image in images]
         self.classes, self.category_ids = self._categories(coco.cats, objects, classes)
@@ -131,7 +137,8 @@ class COCODataset:
         for image_id in self.image_ids:
             if not self.image_path(image_id).is_file():
                 raise DatasetError(
-                    self.image_path(image_id), f"image file of image id {image_id} is missing"
+                    self.image_path(image_id),
+                    f"image file of image id {image_id} is missing; file names are relative to {self.root}",
                 )
 
     def _categories(
@@ -155,7 +162,8 @@ class COCODataset:
                 raise DatasetError(
                     self.ann_file,
                     f"category {name!r} (id {ann['category_id']}, image id {ann.get('image_id')}) "
-                    f"never appears in the training split, whose classes are {', '.join(given)}",
+                    f"never appears in the training split, whose classes are {', '.join(given)}; train "
+                    "on a split that has it or leave it out of the test file",
                 )
         by_name = dict(zip(names, ids, strict=True))
         return given, tuple(by_name.get(name) for name in given)
@@ -163,9 +171,10 @@ class COCODataset:
     def _annotation(self, image: dict, anns: list[dict], labels: dict[int, int]) -> Annotation:
         """One image's objects as an Annotation (DatasetError for a bad size, box or category)."""
         width, height = image.get("width"), image.get("height")
-        if not all(isinstance(v, int | float) and v > 0 for v in (width, height)):
+        if not all(_is_number(v) and v > 0 for v in (width, height)):
             raise DatasetError(
-                self.ann_file, f"image id {image['id']} has no positive width and height"
+                self.ann_file,
+                f"image id {image['id']} has no positive width and height; add them to its entry",
             )
         boxes, classes, crowd = [], [], []
         for ann in anns:
@@ -174,7 +183,7 @@ class COCODataset:
                 raise DatasetError(
                     self.ann_file,
                     f"{where} has category_id {ann.get('category_id')}, which is not among the "
-                    "file's categories",
+                    "file's categories; add the category or fix the annotation",
                 )
             boxes.append(self._box(ann, where, width, height))
             classes.append(labels[ann["category_id"]])
@@ -190,14 +199,17 @@ class COCODataset:
     def _box(self, ann: dict, where: str, width: float, height: float) -> tuple[float, ...]:
         """xyxy of one object's [x, y, w, h] bbox, checked to lie inside the image with some area."""
         bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4):
-            raise DatasetError(self.ann_file, f"{where} has no [x, y, w, h] bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            raise DatasetError(self.ann_file, f"{where} has no [x, y, w, h] bbox of numbers")
         x, y, w, h = (float(v) for v in bbox)
         text = f"box [x, y, w, h] = [{x:g}, {y:g}, {w:g}, {h:g}] of {where}"
         if w <= 0 or h <= 0:
-            raise DatasetError(self.ann_file, f"{text} has no area")
+            raise DatasetError(self.ann_file, f"{text} has no area; fix or remove the annotation")
         if x < 0 or y < 0 or x + w > width or y + h > height:
-            raise DatasetError(self.ann_file, f"{text} lies outside the {width:g}x{height:g} image")
+            raise DatasetError(
+                self.ann_file,
+                f"{text} lies outside the {width:g}x{height:g} image; fix the box or the image size",
+            )
         return x, y, x + w, y + h
 
     @property

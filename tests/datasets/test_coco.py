@@ -99,7 +99,7 @@ def test_test_category_the_training_split_never_saw(tmp_path):
         COCODataset(images_dir, test_path, "test", classes=("car", "dog"))
     assert str(err.value) == (
         f"{test_path}: category 'zebra' (id 24, image id 4) never appears in the training split, "
-        "whose classes are car, dog"
+        "whose classes are car, dog; train on a split that has it or leave it out of the test file"
     )
 
 
@@ -113,14 +113,15 @@ def bad(tmp_path, image=None, ann=None, categories=None):
     "ann, problem",
     [
         ({"bbox": [30, 1, 11, 5]}, "box [x, y, w, h] = [30, 1, 11, 5] of annotation 8 of image id 5 "
-         "lies outside the 40x30 image"),
+         "lies outside the 40x30 image; fix the box or the image size"),
         ({"bbox": [-0.5, 1, 5, 5]}, "box [x, y, w, h] = [-0.5, 1, 5, 5] of annotation 8 of image id 5 "
-         "lies outside the 40x30 image"),
+         "lies outside the 40x30 image; fix the box or the image size"),
         ({"bbox": [1, 1, 0, 5]}, "box [x, y, w, h] = [1, 1, 0, 5] of annotation 8 of image id 5 has "
-         "no area"),
-        ({"bbox": [1, 1, 5]}, "annotation 8 of image id 5 has no [x, y, w, h] bbox"),
+         "no area; fix or remove the annotation"),
+        ({"bbox": [1, 1, 5]}, "annotation 8 of image id 5 has no [x, y, w, h] bbox of numbers"),
+        ({"bbox": [1, "1", 5, 5]}, "annotation 8 of image id 5 has no [x, y, w, h] bbox of numbers"),
         ({"category_id": 2}, "annotation 8 of image id 5 has category_id 2, which is not among the "
-         "file's categories"),
+         "file's categories; add the category or fix the annotation"),
     ],
 )  # fmt: skip
 def test_bad_annotations_are_one_line_naming_file_and_id(tmp_path, ann, problem):
@@ -135,7 +136,10 @@ def test_missing_image_file_names_it_and_the_id(tmp_path):
     (images_dir / "a.jpg").unlink()
     with pytest.raises(DatasetError) as err:
         COCODataset(images_dir, path, "bad")
-    assert str(err.value) == f"{images_dir / 'a.jpg'}: image file of image id 5 is missing"
+    assert str(err.value) == (
+        f"{images_dir / 'a.jpg'}: image file of image id 5 is missing; file names are relative "
+        f"to {images_dir}"
+    )
 
 
 def test_no_images_and_no_size(tmp_path):
@@ -143,7 +147,7 @@ def test_no_images_and_no_size(tmp_path):
     path.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
     with pytest.raises(DatasetError) as err:
         COCODataset(tmp_path, path, "empty")
-    assert str(err.value) == f"{path}: split 'empty' lists no images"
+    assert str(err.value) == f"{path}: split 'empty' lists no images; is this its annotation file?"
     images_dir, path = bad(tmp_path, image={"id": 5, "file_name": "a.jpg", "width": 40})
     with pytest.raises(
         DatasetError, match=r"bad\.json: image id 5 has no positive width and height"
