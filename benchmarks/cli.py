@@ -31,6 +31,22 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from datasets.convert import coco_to_voc, voc_to_coco
+
+    if args.to == "coco":
+        written = voc_to_coco(args.src, args.out)
+        for split, path in written.items():
+            print(f"{args.src} {split} -> {path}")
+        return 0
+    if not args.ann:
+        raise ValueError("data convert --to voc needs --ann SPLIT=FILE.json (one per split)")
+    files = dict(item.split("=", 1) for item in args.ann)
+    out = coco_to_voc(args.src, files, args.out)
+    print(f"{', '.join(files)} -> {out}")
+    return 0
+
+
 def _cmd_proposals(args: argparse.Namespace) -> int:
     from benchmarks.config import load_config
     from benchmarks.data import load_splits
@@ -89,6 +105,14 @@ def parser() -> argparse.ArgumentParser:
     syn.add_argument("--train", type=int, default=120, help="training images")
     syn.add_argument("--test", type=int, default=60, help="test images")
     syn.set_defaults(func=_cmd_data)
+    conv = dsub.add_parser("convert", help="convert a data set between VOC and COCO formats")
+    conv.add_argument("--to", choices=("coco", "voc"), required=True)
+    conv.add_argument("src", help="the VOC folder (--to coco) or the COCO images folder (--to voc)")
+    conv.add_argument("out", help="where to write")
+    conv.add_argument(
+        "--ann", action="append", default=[], metavar="SPLIT=FILE", help="--to voc: a split's json"
+    )
+    conv.set_defaults(func=_cmd_convert)
     pr = sub.add_parser("proposals", help="compute (or read) the shared proposals of a config")
     pr.add_argument("--config")
     pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

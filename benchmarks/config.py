@@ -32,20 +32,23 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which VOC-format folder and splits to use."""
+    """Which data set and splits to use."""
 
-    kind: str = "synthetic"  # "synthetic" (generated into root when missing) or "voc" (must exist)
-    root: str = "datasets/data/synthetic-default"  # the VOC-format folder
-    train_split: str = "trainval"
-    test_split: str = "test"
+    kind: str = "synthetic"  # "synthetic" (generated into root when missing), "voc" or "coco"
+    root: str = "datasets/data/synthetic-default"  # the VOC-format folder, or a COCO data set's
+    train_split: str = "trainval"  # VOC: a split name; COCO: the training annotation json
+    test_split: str = "test"  # VOC: a split name; COCO: the test annotation json
+    images: str | None = None  # COCO only: the images folder (relative to root; None: root)
     train_limit: int | None = None  # use only the first N training images
     test_limit: int | None = None  # use only the first N test images
     fallback_to_synthetic: bool = False  # "voc" only: generate synthetic data when root is missing
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self):
-        if self.kind not in ("synthetic", "voc"):
-            raise ValueError(f"data.kind must be 'synthetic' or 'voc', got {self.kind!r}")
+        if self.kind not in ("synthetic", "voc", "coco"):
+            raise ValueError(f"data.kind must be 'synthetic', 'voc' or 'coco', got {self.kind!r}")
+        if self.images is not None and self.kind != "coco":
+            raise ValueError("data.images is for kind 'coco' (a VOC folder keeps JPEGImages/)")
 
 
 @dataclass(frozen=True)

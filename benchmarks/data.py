@@ -12,6 +12,8 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.config import RunConfig
+from datasets.coco import COCODataset
+from datasets.loaders import open_splits
 from datasets.synthetic import generate
 from datasets.voc import VOCDataset
 from pipelines.detector import TrainData
@@ -39,12 +41,12 @@ class Splits:
 
     Attributes:
         train, test: the opened splits (annotations parsed and checked).
-        kind: "voc", "synthetic", or "synthetic (VOC folder missing)".
+        kind: "voc", "coco", "synthetic", or "synthetic (VOC folder missing)".
         root: the folder they come from.
     """
 
-    train: VOCDataset
-    test: VOCDataset
+    train: VOCDataset | COCODataset
+    test: VOCDataset | COCODataset
     kind: str
     root: Path
 
@@ -77,6 +79,8 @@ def ensure_dataset(cfg: RunConfig) -> tuple[Path, str]:
     data = cfg.data
     root = Path(data.root)
     synthetic_root = root
+    if data.kind == "coco":
+        return root, "coco"
     if data.kind == "voc":
         if (root / "Annotations").is_dir():
             return root, "voc"
@@ -97,10 +101,16 @@ def ensure_dataset(cfg: RunConfig) -> tuple[Path, str]:
 def load_splits(cfg: RunConfig) -> Splits:
     """Open the train and test splits the config names (generating synthetic data if asked)."""
     root, kind = ensure_dataset(cfg)
-    train = VOCDataset(root, cfg.data.train_split, cfg.data.train_limit)
-    test = VOCDataset(root, cfg.data.test_split, cfg.data.test_limit)
-    if train.classes != test.classes:
-        raise ValueError(f"{root}: train and test splits disagree on the class list")
+    data = cfg.data
+    train, test = open_splits(
+        "coco" if kind == "coco" else "voc",
+        root,
+        data.train_split,
+        data.test_split,
+        data.train_limit,
+        data.test_limit,
+        images=data.images,
+    )
     return Splits(train, test, kind, root)
 
 
@@ -115,7 +125,7 @@ def shared_proposals(cfg: RunConfig, splits: Splits) -> dict[str, ProposalSet]:
     return out
 
 
-def _images(ds: VOCDataset) -> list[np.ndarray]:
+def _images(ds: VOCDataset | COCODataset) -> list[np.ndarray]:
     desc = f"loading {ds.name}/{ds.split}"
     return [ds.load_image(i) for i in tqdm(range(len(ds)), desc=desc, unit="img", delay=2)]
 

@@ -24,7 +24,9 @@ __all__ = ["VOCEvaluator", "area_ap", "voc07_ap"]
 def voc07_ap(recall: np.ndarray, precision: np.ndarray) -> float:
     """11-point AP: the mean over t in {0, 0.1, ..., 1} of the best precision at recall >= t."""
     ap = 0.0
-    for t in np.linspace(0, 1, 11):
+    # t = k / 10 exactly as the devkit's 0:0.1:1 (linspace gives 0.6000000000000001 for 0.6, and a
+    # recall of exactly 3/5 would then miss that point).
+    for t in np.arange(11) / 10:
         above = precision[recall >= t]
         ap += (above.max() if above.size else 0.0) / 11
     return float(ap)

@@ -302,6 +302,8 @@ def _tables(results: dict, history: list[dict]) -> dict[str, pd.DataFrame]:
     ).T.fillna("")
     return {
         "paper": tables.paper_table(results),
+        "coco": tables.coco_table(results),
+        "data": tables.data_table(results),
         "speedups": tables.speedup_table(results),
         "pipelines": tables.pipeline_table(results, detail=True),
         "env": env,

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from benchmarks import tables
+from benchmarks.coco_eval import coco_metrics
 from benchmarks.config import RunConfig, to_dict
 from benchmarks.data import (
     Splits,
@@ -46,6 +47,7 @@ from benchmarks.memory import PeakMemory
 from benchmarks.report import render
 from benchmarks.results import SCHEMA_VERSION, append_history, validate, write_json
 from benchmarks.stats import bootstrap_ratio, paired_ratio, summarize
+from datasets.describe import describe
 from pipelines import registry
 from pipelines.backbones import Backbone, build_backbone, clone
 from pipelines.detector import Detector, TrainData
@@ -188,6 +190,12 @@ def _map_record(evaluation: dict) -> dict:
     return {k: evaluation[k] for k in ("voc07", "area", "voc07_strict", "strict_iou", "per_class")}
 
 
+def _coco(classes: tuple[str, ...], annotations: list, result: PassResult) -> dict:
+    """COCO's metrics of a pass, keeping at least as many detections per image as any image has."""
+    most = max((len(d.boxes) for d in result.detections), default=0)
+    return coco_metrics(annotations, result.detections, classes, max_dets=max(100, most))
+
+
 def pipeline_records(
     detectors: dict[str, Detector],
     training: dict[str, dict],
@@ -220,7 +228,7 @@ def pipeline_records(
                 "flops_image_proposals": cost["proposals"],
                 "achieved_gflops_per_s": cost["flops"] / 1e9 / (median / 1000),
             },
-            "map": _map_record(evaluation),
+            "map": {**_map_record(evaluation), "coco": _coco(classes, anns, timing)},
             "pr": evaluation["pr"],
             "variants": {
                 variant: {
@@ -289,6 +297,10 @@ def assemble(
             "classes": list(splits.classes),
             "train_images": len(splits.train),
             "test_images": len(test),
+            "splits": [
+                describe(ds, proposals[ds.split].boxes if proposals else None)
+                for ds in (splits.train, test)
+            ],
         },
         "proposals": _proposal_record(cfg, splits, proposals),
         "timing": {

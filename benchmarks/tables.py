@@ -8,7 +8,9 @@ from __future__ import annotations
 import pandas as pd
 
 __all__ = [
+    "coco_table",
     "console",
+    "data_table",
     "markdown",
     "paper_table",
     "pipeline_table",
@@ -110,6 +112,35 @@ def paper_table(results: dict) -> pd.DataFrame:
                 "VOC07 mAP (%)": _g(paper.get("voc07_map")),
             }
     return pd.DataFrame(cols)
+
+
+def coco_table(results: dict) -> pd.DataFrame:
+    """Per pipeline, COCO's AP@[.5:.95], AP50, AP75 and AP by object size (pycocotools' COCOeval)."""
+    names = {"ap": "AP", "ap50": "AP50", "ap75": "AP75", "ap_small": "AP small"}
+    names.update(ap_medium="AP medium", ap_large="AP large")
+    rows = {}
+    for rec in results["pipelines"].values():
+        coco = rec["map"].get("coco")
+        if coco:
+            rows[rec["label"]] = {label: _f(coco[k], 3) for k, label in names.items()}
+    return pd.DataFrame(rows).T
+
+
+def data_table(results: dict) -> pd.DataFrame:
+    """Per class (and per COCO size), for each split: objects (difficult ones in brackets) and the
+    share of the non-difficult ones a proposal overlaps by IoU 0.5 or more."""
+    cols = {}
+    for split in results["dataset"].get("splits", []):
+        name = f"{split['split']} ({split['images']} images)"
+        groups = {**split["objects"], **split["sizes"]}
+        cols[f"{name}: objects"] = {
+            k: f"{v['non_difficult']} ({v['difficult']})" for k, v in groups.items()
+        }
+        recall = split.get("recall_iou50")
+        if recall:
+            both = {**recall["per_class"], **recall["per_size"]}
+            cols[f"{name}: proposal recall@0.5"] = {k: _f(v, 3) for k, v in both.items()}
+    return pd.DataFrame(cols).fillna("")
 
 
 def _run_speedup(results: dict, base: str, name: str) -> float:

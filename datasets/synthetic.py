@@ -11,14 +11,13 @@ difficult, as VOC does. Everything is drawn from one seed, so a seed is a datase
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from datasets.voc import Annotation
+from datasets.voc import Annotation, write_annotation
 
 __all__ = ["SYNTHETIC_CLASSES", "SyntheticConfig", "generate"]
 
@@ -162,27 +161,6 @@ def _draw_image(
         labels=np.asarray(labels, np.int64),
         difficult=difficult.astype(bool),
     )
-
-
-def write_annotation(path: Path, ann: Annotation, classes: tuple[str, ...]) -> None:
-    """Write one VOC XML file (1-based inclusive coordinates: xmin = x1 + 1, xmax = x2)."""
-    root = ET.Element("annotation")
-    ET.SubElement(root, "folder").text = path.parent.parent.name
-    ET.SubElement(root, "filename").text = f"{ann.image_id}.jpg"
-    size = ET.SubElement(root, "size")
-    for tag, value in (("width", ann.size[1]), ("height", ann.size[0]), ("depth", 3)):
-        ET.SubElement(size, tag).text = str(value)
-    for box, label, difficult in zip(ann.boxes, ann.labels, ann.difficult, strict=True):
-        obj = ET.SubElement(root, "object")
-        ET.SubElement(obj, "name").text = classes[label - 1]
-        ET.SubElement(obj, "truncated").text = "0"
-        ET.SubElement(obj, "difficult").text = str(int(difficult))
-        bnd = ET.SubElement(obj, "bndbox")
-        coords = (box[0] + 1, box[1] + 1, box[2], box[3])
-        for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), coords, strict=True):
-            ET.SubElement(bnd, tag).text = str(int(value))
-    ET.indent(root)
-    ET.ElementTree(root).write(path)
 
 
 def generate(out: str | Path, cfg: SyntheticConfig) -> dict[str, list[Annotation]]:

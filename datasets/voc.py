@@ -1,8 +1,10 @@
 """Pascal VOC-format reader.
 
 A VOC folder holds JPEGImages/<id>.jpg, Annotations/<id>.xml and ImageSets/Main/<split>.txt. The class
-list is read from classes.txt at the folder's root (one name a line; the synthetic generator writes it)
-and is VOC's 20 classes when that file is absent.
+list is read from classes.txt at the folder's root (one name a line; the synthetic generator writes it).
+Without that file the classes are given by the caller (the training split's, for a test split) or
+discovered from the split's annotation files: the sorted set of their <name> values. VOC2007 ships no
+classes.txt, and its 20 names sorted are VOC_CLASSES in order, so discovery numbers them as usual.
 
 VOC XML coordinates are 1-based and inclusive: the box (xmin, xmax) covers pixels xmin..xmax. Here
 boxes are continuous 0-based xyxy with width = x2 - x1, so x1 = xmin - 1 and x2 = xmax; this is the only
@@ -24,8 +26,10 @@ __all__ = [
     "Annotation",
     "DatasetError",
     "VOCDataset",
+    "object_names",
     "parse_annotation",
     "read_image",
+    "write_annotation",
 ]
 
 VOC_CLASSES = (
@@ -50,6 +54,7 @@ VOC_CLASSES = (
     "train",
     "tvmonitor",
 )
+# VOC_CLASSES is sorted (a test checks it): class discovery, which sorts, gives VOC2007 this order.
 
 
 class DatasetError(ValueError):
@@ -106,6 +111,22 @@ def _number(node: ET.Element, tag: str, path: Path) -> float:
         raise DatasetError(path, f"<{tag}> is {text!r}, not a number") from None
 
 
+def _load_xml(path: Path) -> ET.Element:
+    if not path.is_file():
+        raise DatasetError(path, "annotation file is missing")
+    try:
+        return ET.parse(path).getroot()
+    except ET.ParseError as err:
+        raise DatasetError(path, f"malformed XML ({err})") from None
+
+
+def object_names(path: str | Path) -> list[str]:
+    """The <name> of every <object> in one VOC XML file, in file order (DatasetError when the file is
+    missing or malformed or an object has no name)."""
+    path = Path(path)
+    return [_text(obj, "name", path) for obj in _load_xml(path).findall("object")]
+
+
 def parse_annotation(path: str | Path, classes: tuple[str, ...]) -> Annotation:
     """Parse one VOC XML file.
 
@@ -121,12 +142,7 @@ def parse_annotation(path: str | Path, classes: tuple[str, ...]) -> Annotation:
             no area.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(path, "annotation file is missing")
-    try:
-        root = ET.parse(path).getroot()
-    except ET.ParseError as err:
-        raise DatasetError(path, f"malformed XML ({err})") from None
+    root = _load_xml(path)
     size = root.find("size")
     if size is None:
         raise DatasetError(path, "no <size> element")
@@ -167,6 +183,37 @@ def parse_annotation(path: str | Path, classes: tuple[str, ...]) -> Annotation:
     )
 
 
+def _coordinate(value: float) -> str:
+    """The shortest decimal that reads back as the same float32 ("12" for 12.0, "474.07")."""
+    return np.format_float_positional(np.float32(value), trim="-")
+
+
+def write_annotation(path: str | Path, ann: Annotation, classes: tuple[str, ...]) -> None:
+    """Write one VOC XML file (1-based inclusive coordinates: xmin = x1 + 1, xmax = x2).
+
+    Whole-pixel boxes are written as integers, as VOC's own files are; fractional ones (from COCO) keep
+    their fraction, which parse_annotation reads back.
+    """
+    path = Path(path)
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = path.parent.parent.name
+    ET.SubElement(root, "filename").text = f"{ann.image_id}.jpg"
+    size = ET.SubElement(root, "size")
+    for tag, value in (("width", ann.size[1]), ("height", ann.size[0]), ("depth", 3)):
+        ET.SubElement(size, tag).text = str(value)
+    for box, label, difficult in zip(ann.boxes, ann.labels, ann.difficult, strict=True):
+        obj = ET.SubElement(root, "object")
+        ET.SubElement(obj, "name").text = classes[label - 1]
+        ET.SubElement(obj, "truncated").text = "0"
+        ET.SubElement(obj, "difficult").text = str(int(difficult))
+        bnd = ET.SubElement(obj, "bndbox")
+        coords = (box[0] + 1, box[1] + 1, box[2], box[3])
+        for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), coords, strict=True):
+            ET.SubElement(bnd, tag).text = _coordinate(value)
+    ET.indent(root)
+    ET.ElementTree(root).write(path)
+
+
 class VOCDataset:
     """One split of a VOC-format folder. Annotations are parsed and checked when it is opened.
 
@@ -174,14 +221,23 @@ class VOCDataset:
         root: the folder holding JPEGImages/, Annotations/ and ImageSets/Main/.
         split: the split name (ImageSets/Main/<split>.txt).
         limit: keep only the first ``limit`` images of the split (None keeps all).
+        classes: the class list when the folder has no classes.txt: pass the training split's to the
+            test split so both number classes alike. None discovers them from the whole split's
+            annotation files (the sorted set of names; ``limit`` does not change it). Ignored in
+            favour of classes.txt when that file exists, unless it disagrees (DatasetError).
     """
 
-    def __init__(self, root: str | Path, split: str, limit: int | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        limit: int | None = None,
+        classes: tuple[str, ...] | list[str] | None = None,
+    ):
         self.root = Path(root)
         self.split = split
         if not self.root.is_dir():
             raise DatasetError(self.root, "dataset folder does not exist")
-        self.classes = self._read_classes()
         split_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
         if not split_file.is_file():
             raise DatasetError(split_file, f"split file for {split!r} is missing")
@@ -189,18 +245,48 @@ class VOCDataset:
         if not ids:
             raise DatasetError(split_file, "split file lists no images")
         self.image_ids = ids[:limit] if limit else ids
-        self.annotations = [
-            parse_annotation(self.root / "Annotations" / f"{i}.xml", self.classes)
-            for i in self.image_ids
-        ]
+        self.classes = self._classes(ids, None if classes is None else tuple(classes))
+        self.annotations = [parse_annotation(self._xml(i), self.classes) for i in self.image_ids]
         for image_id in self.image_ids:
             if not self.image_path(image_id).is_file():
                 raise DatasetError(self.image_path(image_id), "image file is missing")
 
-    def _read_classes(self) -> tuple[str, ...]:
+    def _xml(self, image_id: str) -> Path:
+        return self.root / "Annotations" / f"{image_id}.xml"
+
+    def _classes(self, all_ids: list[str], given: tuple[str, ...] | None) -> tuple[str, ...]:
+        listed = self._read_classes()
+        if listed is not None:
+            if given is not None and given != listed:
+                raise DatasetError(
+                    self.root / "classes.txt",
+                    f"lists {', '.join(listed)} but the training split's classes are "
+                    f"{', '.join(given)}; open both splits from the same folder",
+                )
+            return listed
+        if given is None:
+            found = {name for i in all_ids for name in object_names(self._xml(i))}
+            if not found:
+                raise DatasetError(
+                    self.root / "ImageSets" / "Main" / f"{self.split}.txt",
+                    "the split's annotations name no object to discover classes from; write "
+                    f"{self.root / 'classes.txt'} (one name a line)",
+                )
+            return tuple(sorted(found))
+        for image_id in self.image_ids:
+            unseen = [n for n in object_names(self._xml(image_id)) if n not in given]
+            if unseen:
+                raise DatasetError(
+                    self._xml(image_id),
+                    f"class {unseen[0]!r} is not among the training split's classes "
+                    f"({', '.join(given)}); a classes.txt at {self.root} fixes the order or the set",
+                )
+        return given
+
+    def _read_classes(self) -> tuple[str, ...] | None:
         path = self.root / "classes.txt"
         if not path.is_file():
-            return VOC_CLASSES
+            return None
         names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
         if not names or len(set(names)) != len(names):
             raise DatasetError(path, "class list is empty or repeats a name")
@@ -218,7 +304,7 @@ class VOCDataset:
         digest = hashlib.sha1()
         for image_id in self.image_ids:
             digest.update(image_id.encode() + b"\0")
-            digest.update((self.root / "Annotations" / f"{image_id}.xml").read_bytes())
+            digest.update(self._xml(image_id).read_bytes())
             digest.update(str(self.image_path(image_id).stat().st_size).encode())
         return digest.hexdigest()[:12]
 
