@@ -80,6 +80,10 @@ class Detector(abc.ABC):
         variants: test-time alternatives the harness scores and times beside the default.
         train_stages: the names ``fit`` records in its timer, in order.
         paper: the published figures shown beside a run's.
+        stage_groups: each inference stage's share of the work, for the report's end-to-end bar:
+            "conv" (the trunk), "per_region" (warping, pooling, fc layers run per region),
+            "classifier" (scores, box regression, NMS) or "other" (the default for a stage not
+            listed). Selective search is added by the harness as "proposals".
 
     ``fit`` records its stages in the timer it is given; ``detect`` records its inference stages.
     """
@@ -91,6 +95,7 @@ class Detector(abc.ABC):
     variants: ClassVar[tuple[str, ...]] = ()
     train_stages: ClassVar[tuple[str, ...]] = ()
     paper: ClassVar[PaperFigures | None] = None
+    stage_groups: ClassVar[dict[str, str]] = {}
 
     def __init__(self, cfg: Any, context: BuildContext):
         self.cfg = cfg

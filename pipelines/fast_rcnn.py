@@ -115,6 +115,15 @@ class FastRCNN(Detector):
     config_class = FastRCNNConfig
     variants = ("svd",)
     train_stages = ("train", "svd")
+    stage_groups: ClassVar[dict[str, str]] = {
+        "preprocess": "other",
+        "conv": "conv",
+        "roi_pool": "per_region",
+        "fc": "per_region",
+        "classifier": "classifier",
+        "bbox_reg": "classifier",
+        "nms": "classifier",
+    }
     paper: ClassVar[PaperFigures] = PaperFigures(
         "Fast R-CNN paper, Table 4 (VGG16, K40 GPU, VOC07 test)",
         train_hours=9.5,

@@ -112,6 +112,15 @@ class RCNN(Detector):
     config_class = RCNNConfig
     variants = ("no_bbox_reg",)
     train_stages = ("finetune", "features", "svm", "bbox_reg")
+    stage_groups: ClassVar[dict[str, str]] = {
+        "preprocess": "other",
+        "warp": "per_region",
+        "conv": "per_region",  # the trunk runs once per warped region: per-region work here
+        "fc": "per_region",
+        "classifier": "classifier",
+        "bbox_reg": "classifier",
+        "nms": "classifier",
+    }
     paper: ClassVar[PaperFigures] = PaperFigures(
         "Fast R-CNN paper, Table 4 (VGG16, K40 GPU, VOC07 test)",
         train_hours=84.0,
