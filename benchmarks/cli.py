@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -79,12 +80,28 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from benchmarks.compare import compare, write_baseline
 
     if args.write_baseline:
-        data = write_baseline(args.results, args.baseline)
-        print(f"wrote baseline {args.baseline} from {len(data['source_runs'])} run(s)")
+        data = write_baseline(args.b, args.a)
+        print(f"wrote baseline {args.a} from {len(data['source_runs'])} run(s)")
         return 0
-    if len(args.results) != 1:
-        raise ValueError("compare checks one run at a time (several are for --write-baseline)")
-    return compare(args.baseline, args.results[0])
+    if len(args.b) != 1:
+        raise ValueError("compare takes one A and one B (several runs are for --write-baseline)")
+    return compare(args.a, args.b[0], markdown=args.markdown)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from benchmarks.calibrate import calibrate
+
+    reports = Path(args.reports)
+    out = calibrate(args.config, args.runs, args.out, args.set, reports)
+    print(f"{'metric':<36} {'mean':>8} {'min':>8} {'max':>8} {'deviation':>9} {'tolerance':>9}")
+    for name, s in out["spread"].items():
+        tol = out["baseline"]["metrics"][name]["tolerance"]
+        print(
+            f"{name:<36} {s['mean']:>8.3f} {s['min']:>8.3f} {s['max']:>8.3f} "
+            f"{s['deviation']:>9.4f} {tol:>9.4f}"
+        )
+    print(f"wrote baseline {args.out}")
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -124,27 +141,48 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="where to write (default: the last run folder)")
     rep.set_defaults(func=_cmd_report)
     c = sub.add_parser(
-        "compare", help="check a results.json against a baseline; non-zero on regression"
+        "compare", help="compare run B against run or baseline A; non-zero on a regression"
     )
-    c.add_argument("baseline", help="baseline JSON (benchmarks/baselines/<config>.json)")
-    c.add_argument(
-        "results", nargs="+", help="a results.json or a run folder (several with --write-baseline)"
-    )
+    c.add_argument("a", help="A: a run folder, a results.json or a baseline JSON")
+    c.add_argument("b", nargs="+", help="B: a run folder or a results.json")
+    c.add_argument("--markdown", action="store_true", help="a Markdown table (pull requests)")
     c.add_argument(
         "--write-baseline",
         action="store_true",
-        help="instead of checking, write BASELINE from the mean of RESULTS (tolerances there are kept)",
+        help="instead of comparing, write baseline A from the mean of the runs B",
     )
     c.set_defaults(func=_cmd_compare)
+    cal = sub.add_parser(
+        "calibrate", help="run a config N times, write its baseline with measured tolerances"
+    )
+    cal.add_argument("--config", required=True)
+    cal.add_argument("--runs", type=int, default=5)
+    cal.add_argument("--out", required=True, help="the baseline JSON to write")
+    cal.add_argument("--reports", default="build/calibration", help="where the runs go")
+    cal.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    cal.set_defaults(func=_cmd_calibrate)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    args = p.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError) as err:  # our input errors are ValueErrors with one-line messages
-        print(f"rcnn-bench: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(
+            "rcnn-bench: interrupted; finished caches are kept, nothing partial was written",
+            file=sys.stderr,
+        )
+        return 130
+    except (ValueError, OSError, subprocess.CalledProcessError, RuntimeError) as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        if isinstance(err, RuntimeError):
+            message += " (an internal error: rerun with --debug for the traceback, and report it)"
+        print(f"rcnn-bench: error: {message}", file=sys.stderr)
         return 2
 
 

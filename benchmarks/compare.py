@@ -1,45 +1,49 @@
-"""Regression check: a run's tracked metrics against a committed baseline.
+"""Compare two runs, or a run against a committed baseline, metric by metric; exit 1 on a regression.
 
-Ratios measured within one run are gated (absolute times differ from machine to machine):
-- inference speedup: fails when even the top of the run's 95% bootstrap interval is below
-  baseline * (1 - tolerance), so that noise alone does not fail a build;
-- training speedup: one number per run, fails below baseline * (1 - tolerance);
-- each pipeline's VOC07 mAP: fails when it drops more than the tolerance (absolute).
+Either side is a run folder, a results.json or a baseline file (benchmarks/baselines/<config>.json).
+
+- Speedups (baseline pipeline time over candidate time, the paired per-image geometric mean) are
+  ratios measured inside one run, comparable across machines. A speedup fails when it falls below
+  reference x (1 - tolerance) ("worse": the candidate slowed, relatively) or rises above reference x
+  (1 + tolerance) ("changed": the baseline pipeline slowed, or the candidate really improved; update
+  the baseline if that was intended). Either way one pipeline's inference time moved.
+- VOC07 mAP fails when it drops by more than its tolerance. Training is bit-reproducible on one
+  machine, so the tolerance only covers what differs between machines.
+- Two runs on the same machine (same CPU or GPU name, CPU count and thread count) also compare each
+  pipeline's own latency image by image, asv-style: "worse" needs both a Wilcoxon signed-rank test on
+  the paired per-image log ratios (p < alpha) and a median slowdown of at least ``min_effect``. When
+  the runs timed different images the test falls back to an unpaired Mann-Whitney U test, and says so.
+  Latency against a committed baseline (another machine) is not gated: absolute times do not travel.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+from scipy import stats as sps
 
 from benchmarks.results import ResultsError, read_json, read_results, write_json
 
-__all__ = ["check", "compare", "tracked_metrics", "write_baseline"]
+__all__ = [
+    "DEFAULT_TOLERANCES",
+    "Side",
+    "check",
+    "compare",
+    "format_rows",
+    "load_side",
+    "metric_kind",
+    "tracked_metrics",
+    "write_baseline",
+]
 
-# Used for a metric a baseline file does not set yet. Set from runs of ci.yaml on a 2-core CPU
-# (benchmarks/NOTES.md): the inference speedup's point value moved 3% and its interval top never fell
-# below 12.1 (baseline 10.6); the training speedup moved 15%; each mAP moved by up to 0.08.
-DEFAULT_TOLERANCES = {"speedup_inference": 0.30, "speedup_train": 0.35, "map": 0.12}
-
-
-def _kind(metric: str) -> str:
-    """ "speedup_inference[fast_rcnn/rcnn]" -> "speedup_inference"."""
-    return metric.split("[", 1)[0]
-
-
-def tracked_metrics(results: dict) -> dict[str, dict]:
-    """{metric: {"value", "ci95" (or None)}} from a results.json: every speedup pair's inference and
-    training speedup, and every pipeline's VOC07 mAP."""
-    out = {}
-    for pair, s in results["speedup"].items():
-        out[f"speedup_inference[{pair}]"] = {
-            "value": s["inference"]["value"],
-            "ci95": s["inference"]["ci95"],
-        }
-        out[f"speedup_train[{pair}]"] = {"value": s["train"], "ci95": None}
-    for name, rec in results["pipelines"].items():
-        out[f"map[{name}]"] = {"value": rec["map"]["voc07"], "ci95": None}
-    return out
-
+# Tolerances for a metric that a baseline file does not set, and for run-against-run comparisons.
+# The CI baseline's own come from `rcnn-bench calibrate` (benchmarks/NOTES.md).
+DEFAULT_TOLERANCES = {"speedup_inference": 0.07, "speedup_train": 0.35, "map": 0.02}
+MIN_EFFECT = 0.05  # a latency change smaller than this is "same", however significant
+ALPHA = 0.01  # significance a latency change needs
 
 # Baseline files of schema 1 named the two pipelines' metrics without brackets.
 _V1_NAMES = {
@@ -50,7 +54,60 @@ _V1_NAMES = {
 }
 
 
+@dataclass
+class Side:
+    """One side of a comparison.
+
+    Attributes:
+        source: the path it came from.
+        kind: "run" or "baseline".
+        metrics: {metric: {"value", "ci95" (or None), "tolerance" (baselines)}}.
+        config: the config name it belongs to.
+        machine: what identifies its machine (None for a baseline from elsewhere).
+        latency: runs only: {pipeline: {image id: ms}}.
+    """
+
+    source: str
+    kind: str
+    metrics: dict[str, dict]
+    config: str | None
+    machine: tuple | None = None
+    latency: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def metric_kind(metric: str) -> str:
+    """ "speedup_inference[fast_rcnn/rcnn]" -> "speedup_inference"."""
+    return metric.split("[", 1)[0]
+
+
+def _speedup_value(s: dict) -> tuple[float, list[float] | None]:
+    """A speedup's gated figure: the paired geometric mean with its interval (ratio of medians for
+    runs written before paired timing)."""
+    paired = s["inference"].get("paired")
+    if paired:
+        return paired["geomean"], paired["ci95"]
+    return s["inference"]["value"], s["inference"]["ci95"]
+
+
+def tracked_metrics(results: dict) -> dict[str, dict]:
+    """{metric: {"value", "ci95" (or None)}} from a results.json: every speedup pair's inference and
+    training speedup, and every pipeline's VOC07 mAP."""
+    out = {}
+    for pair, s in results["speedup"].items():
+        value, ci95 = _speedup_value(s)
+        out[f"speedup_inference[{pair}]"] = {"value": value, "ci95": ci95}
+        out[f"speedup_train[{pair}]"] = {"value": s["train"], "ci95": None}
+    for name, rec in results["pipelines"].items():
+        out[f"map[{name}]"] = {"value": rec["map"]["voc07"], "ci95": None}
+    return out
+
+
+def _machine(env: dict) -> tuple:
+    return (env.get("device_name"), env.get("cpu_count"), env.get("threads"))
+
+
 def read_baseline(path: str | Path) -> dict:
+    """A baseline file, checked, with schema-1 metric names rewritten."""
     path = Path(path)
     data = read_json(path, "baseline")
     metrics = data.get("metrics")
@@ -63,80 +120,160 @@ def read_baseline(path: str | Path) -> dict:
     return data
 
 
-def check(baseline: dict, results: dict) -> list[dict]:
-    """One row per baseline metric: what was measured and whether it passes."""
-    measured = tracked_metrics(results)
-    rows = []
-    for name, base in baseline["metrics"].items():
-        if name not in measured:
-            rows.append(_row(name, base, None, None, None, False, "not in results"))
-            continue
-        m = measured[name]
-        if _kind(name).startswith("speedup"):
-            limit = base["value"] * (1 - base["tolerance"])
-            # The interval's top when there is one: noise alone must not fail the build.
-            judged = m["ci95"][1] if m["ci95"] else m["value"]
-            ok = judged >= limit
-            why = (
-                "" if ok else f"{'95% CI top' if m['ci95'] else 'value'} {judged:.2f} < {limit:.2f}"
+def load_side(path: str | Path) -> Side:
+    """A run folder, a results.json or a baseline file."""
+    path = Path(path)
+    file = path / "results.json" if path.is_dir() else path
+    data = read_json(file, "results or baseline")
+    if "metrics" in data and "pipelines" not in data:
+        base = read_baseline(file)
+        return Side(str(file), "baseline", base["metrics"], base.get("config"))
+    results = read_results(file)
+    ids = results["timing"].get("image_ids")
+    latency = {}
+    for name, rec in results["pipelines"].items():
+        samples = rec["inference"]["samples_ms"]
+        keys = ids if ids and len(ids) == len(samples) else [f"#{i}" for i in range(len(samples))]
+        latency[name] = dict(zip(keys, samples, strict=True))
+    return Side(
+        str(file),
+        "run",
+        tracked_metrics(results),
+        results["config"].get("name"),
+        _machine(results["env"]),
+        latency,
+    )
+
+
+def _verdict_ratio(metric: str, ref: float, value: float, tol: float) -> tuple[str, str]:
+    """Verdict of a gated figure against its reference and tolerance."""
+    if metric_kind(metric).startswith("speedup"):
+        if value < ref * (1 - tol):
+            return "worse", f"{value:.3f} < {ref * (1 - tol):.3f}"
+        if value > ref * (1 + tol):
+            return (
+                "changed",
+                f"{value:.3f} > {ref * (1 + tol):.3f}: update the baseline if intended",
             )
-        else:
-            limit = base["value"] - base["tolerance"]
-            ok = m["value"] >= limit
-            why = "" if ok else f"{m['value']:.3f} < {limit:.3f}"
-        rows.append(_row(name, base, m["value"], m["ci95"], limit, ok, why))
+        return "same", ""
+    if value < ref - tol:
+        return "worse", f"{value:.3f} < {ref - tol:.3f}"
+    return ("better" if value > ref + tol else "same"), ""
+
+
+def check(a: Side, b: Side) -> list[dict]:
+    """One row per metric of ``a``: its reference value, ``b``'s, the ratio and the verdict."""
+    rows = []
+    for name, ref in a.metrics.items():
+        tol = ref.get("tolerance", DEFAULT_TOLERANCES[metric_kind(name)])
+        m = b.metrics.get(name)
+        if m is None:
+            rows.append(_row(name, ref["value"], None, None, tol, "missing", "not in B"))
+            continue
+        verdict, why = _verdict_ratio(name, ref["value"], m["value"], tol)
+        rows.append(_row(name, ref["value"], m["value"], m["ci95"], tol, verdict, why))
+    if a.kind == b.kind == "run" and a.machine == b.machine:
+        rows += [_latency_row(n, a.latency[n], b.latency[n]) for n in a.latency if n in b.latency]
     return rows
 
 
-def _row(name, base, value, ci95, limit, ok, why) -> dict:
+def _latency_row(name: str, a: dict[str, float], b: dict[str, float]) -> dict:
+    """One pipeline's latency in B against A, paired by image where both timed the same images."""
+    common = [k for k in a if k in b]
+    if len(common) == len(a) == len(b) and len(common) >= 5:
+        ratios = np.array([b[k] / a[k] for k in common])
+        p = float(sps.wilcoxon(np.log(ratios)).pvalue) if np.any(ratios != 1) else 1.0
+        effect, test = float(np.median(ratios)), "paired Wilcoxon"
+    else:
+        x, y = np.array(list(a.values())), np.array(list(b.values()))
+        p = float(sps.mannwhitneyu(y, x).pvalue)
+        effect, test = float(np.median(y) / np.median(x)), "unpaired Mann-Whitney (images differ)"
+    verdict = "same"
+    if p < ALPHA and abs(effect - 1) >= MIN_EFFECT:
+        verdict = "worse" if effect > 1 else "better"
+    why = f"{test}, p={p:.2g}, median ratio {effect:.3f}"
+    ref = float(np.median(list(a.values())))
+    value = float(np.median(list(b.values())))
+    return _row(f"latency_ms[{name}]", ref, value, None, MIN_EFFECT, verdict, why)
+
+
+def _row(metric, ref, value, ci95, tol, verdict, why) -> dict:
+    ratio = value / ref if value is not None and ref else None
     return {
-        "metric": name,
-        "baseline": base["value"],
-        "tolerance": base["tolerance"],
-        "value": value,
+        "metric": metric,
+        "a": ref,
+        "b": value,
+        "ratio": ratio,
         "ci95": ci95,
-        "limit": limit,
-        "ok": ok,
+        "tolerance": tol,
+        "verdict": verdict,
         "why": why,
     }
 
 
-def format_rows(rows: list[dict]) -> str:
-    lines = [
-        f"{'metric':<36} {'baseline':>9} {'tol':>6} {'limit':>8} {'run':>8} {'95% CI':>15}  status"
-    ]
+FAILING = ("worse", "changed", "missing")
+
+
+def format_rows(rows: list[dict], markdown: bool = False) -> str:
+    """The comparison as a text table, or a Markdown table for a pull-request comment."""
+    head = ["metric", "A", "B", "B/A", "B 95% CI", "tol", "verdict"]
+    body = []
     for r in rows:
         ci = f"{r['ci95'][0]:.2f}-{r['ci95'][1]:.2f}" if r["ci95"] else "-"
-        value = f"{r['value']:.3f}" if r["value"] is not None else "-"
-        limit = f"{r['limit']:.3f}" if r["limit"] is not None else "-"
-        status = "ok" if r["ok"] else f"REGRESSION ({r['why']})"
-        lines.append(
-            f"{r['metric']:<36} {r['baseline']:>9.3f} {r['tolerance']:>6.2f} {limit:>8} {value:>8} "
-            f"{ci:>15}  {status}"
+        verdict = r["verdict"].upper() if r["verdict"] in FAILING else r["verdict"]
+        body.append(
+            [
+                r["metric"],
+                _num(r["a"]),
+                _num(r["b"]),
+                _num(r["ratio"]),
+                ci,
+                f"{r['tolerance']:.3f}",
+                verdict + (f" ({r['why']})" if r["why"] else ""),
+            ]
         )
-    return "\n".join(lines)
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head) - 1)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
+        for row in [head, *body]
+    )
 
 
-def compare(baseline_path: str | Path, results_path: str | Path) -> int:
-    """Print the table; 0 when every metric passes, 1 on a regression."""
-    baseline = read_baseline(baseline_path)
-    results = read_results(results_path)
-    if baseline.get("config") and baseline["config"] != results["config"].get("name"):
+def _num(v: float | None) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def compare(a_path: str | Path, b_path: str | Path, markdown: bool = False) -> int:
+    """Print the comparison of B against A; 0 when nothing regressed, 1 otherwise."""
+    a, b = load_side(a_path), load_side(b_path)
+    if b.kind == "baseline":
+        raise ResultsError(f"{b_path}: B must be a run (a run folder or a results.json)")
+    if a.config and b.config and a.config != b.config:
         raise ResultsError(
-            f"{results_path}: run of config {results['config'].get('name')!r}, "
-            f"baseline {baseline_path} is for {baseline['config']!r}"
+            f"{b_path}: run of config {b.config!r}, but {a_path} is for config {a.config!r}"
         )
-    rows = check(baseline, results)
-    print(format_rows(rows))
-    failed = [r["metric"] for r in rows if not r["ok"]]
+    rows = check(a, b)
+    print(format_rows(rows, markdown))
+    if a.kind == b.kind == "run" and a.machine != b.machine:
+        print("note: the runs come from different machines: latency is not compared")
+    failed = [r["metric"] for r in rows if r["verdict"] in FAILING]
     print(f"regression in {', '.join(failed)}" if failed else "no regression")
     return 1 if failed else 0
 
 
-def write_baseline(results_paths: list[str | Path], out: str | Path, note: str = "") -> dict:
+def write_baseline(
+    results_paths: list[str | Path],
+    out: str | Path,
+    note: str = "",
+    tolerances: dict[str, float] | None = None,
+    method: str = "",
+) -> dict:
     """Write (or refresh) a baseline from one or more runs of one config: each metric's value is the
-    mean over the runs and its spread (min, max) is recorded beside it; tolerances already in ``out``
-    are kept."""
+    mean over the runs with its spread (min, max) beside it; its tolerance is ``tolerances[metric]``,
+    else the one already in ``out``, else the default for its kind."""
     runs = [read_results(p) for p in results_paths]
     configs = {r["config"].get("name") for r in runs}
     if len(configs) != 1:
@@ -144,17 +281,16 @@ def write_baseline(results_paths: list[str | Path], out: str | Path, note: str =
             f"{out}: a baseline takes runs of one config, got {sorted(map(str, configs))}"
         )
     out = Path(out)
-    tolerances = {}
-    old = read_baseline(out) if out.is_file() else None
-    if old:
-        tolerances.update({k: v["tolerance"] for k, v in old["metrics"].items()})
+    old = read_baseline(out) if out.is_file() else {"metrics": {}}
+    given = tolerances or {}
     measured = [tracked_metrics(r) for r in runs]
     metrics = {}
     for name in measured[0]:
-        values = [m[name]["value"] for m in measured]
+        values = [m[name]["value"] for m in measured if name in m]
+        kept = old["metrics"].get(name, {}).get("tolerance", DEFAULT_TOLERANCES[metric_kind(name)])
         metrics[name] = {
-            "value": sum(values) / len(values),
-            "tolerance": tolerances.get(name, DEFAULT_TOLERANCES[_kind(name)]),
+            "value": float(np.mean(values)),
+            "tolerance": given.get(name, kept),
             "spread": [min(values), max(values)],
         }
     data = {
@@ -162,7 +298,8 @@ def write_baseline(results_paths: list[str | Path], out: str | Path, note: str =
         "source_runs": [r["run_id"] for r in runs],
         "commit": runs[-1]["env"].get("commit"),
         "device_name": runs[-1]["env"]["device_name"],
-        "note": note or (old or {}).get("note", ""),
+        "note": note or old.get("note", ""),
+        "tolerance_method": method or old.get("tolerance_method", ""),
         "metrics": metrics,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,22 @@ class BenchConfig:
     seed: int = 0
     baseline: str = "rcnn"  # speedups are this pipeline's time over each other pipeline's
     pairs: tuple[tuple[str, str], ...] = ()  # more (baseline, candidate) speedups to report
+    busy_share: float = 0.15  # warn when other processes used more of the CPU than this
+    sweep_repeats: int = 1  # like repeats, for the sweep points
+
+    def __post_init__(self):
+        for key in ("warmup_images", "timed_images"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"bench.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("repeats", "sweep_repeats", "sweep_images", "example_images"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"bench.{key} must be >= 1, got {getattr(self, key)}")
+        if self.bootstrap_samples < 100:
+            raise ValueError(
+                f"bench.bootstrap_samples must be >= 100, got {self.bootstrap_samples}"
+            )
+        if not self.sweep_proposals or min(self.sweep_proposals) < 1:
+            raise ValueError("bench.sweep_proposals must list proposal counts >= 1")
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,8 @@ class RunConfig:
     name: str = "default"
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    seed: int = 0  # seeds Python, NumPy and torch; each pipeline draws from seed + its name
+    deterministic: bool = True  # deterministic kernels (and cuBLAS/cuDNN settings on CUDA)
     proposal_workers: int = 2  # selective-search worker processes
     cache_dir: str = "datasets/data/cache"  # proposal and feature caches
     output_dir: str = "reports"  # one folder per run below it
@@ -85,6 +103,10 @@ class RunConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
 
     def __post_init__(self):
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
+        if self.proposal_workers < 1:
+            raise ValueError(f"proposal_workers must be >= 1, got {self.proposal_workers}")
         if not self.pipelines:
             raise ValueError("pipelines: name at least one pipeline")
         names = set(self.pipelines)

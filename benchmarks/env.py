@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import subprocess
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 
@@ -28,6 +34,60 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
     return device
+
+
+def make_reproducible(seed: int, deterministic: bool, device: torch.device) -> None:
+    """Seed Python's, NumPy's and torch's global generators and, with ``deterministic``, make torch
+    pick deterministic kernels (an error where an op has none).
+
+    On CUDA this also sets CUBLAS_WORKSPACE_CONFIG=:4096:8 (cuBLAS reproducibility needs it, before
+    the first cuBLAS call), turns off cuDNN's benchmark autotuner and asks cuDNN for deterministic
+    algorithms: PyTorch's "Reproducibility" notes. Same config, same seed, same machine and thread
+    count: the same losses, detections and APs.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if not deterministic:
+        return
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True)
+
+
+@contextmanager
+def seeded(seed: int, name: str) -> Iterator[None]:
+    """Run a block with torch's global generators seeded from ``seed`` and ``name`` and restored
+    afterwards, so a pipeline's random draws (layer initialisation, dropout) depend on neither the
+    order the pipelines run in nor which other pipelines run."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + zlib.crc32(name.encode()))
+        yield
+
+
+def machine_load(window_s: float = 0.5) -> dict[str, float | None]:
+    """How busy the machine is: the 1-minute load average, and the share of the machine's CPU time
+    that processes other than this one used over ``window_s`` (None where /proc is not there)."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    try:
+        before = _cpu_ticks()
+        time.sleep(window_s)
+        after = _cpu_ticks()
+    except (OSError, ValueError, IndexError):
+        return {"load_1min": load, "other_cpu_share": None}
+    busy, total, own = (a - b for a, b in zip(after, before, strict=True))
+    return {"load_1min": load, "other_cpu_share": max(0.0, (busy - own) / max(total, 1.0))}
+
+
+def _cpu_ticks() -> tuple[float, float, float]:
+    """(busy ticks of all CPUs, all ticks of all CPUs, ticks of this process) from /proc."""
+    fields = [float(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+    stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(fields) - idle, sum(fields), float(stat[11]) + float(stat[12])
 
 
 def cpu_model() -> str:

@@ -33,7 +33,7 @@ from benchmarks.data import (
     log,
     shared_proposals,
 )
-from benchmarks.env import environment, resolve_device
+from benchmarks.env import environment, machine_load, make_reproducible, resolve_device, seeded
 from benchmarks.evaluation import VOCEvaluator
 from benchmarks.inference import (
     PassResult,
@@ -68,9 +68,10 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path:
         proposals = shared_proposals(cfg, splits)
     backbone = build_backbone(cfg.backbone)
     detectors = build_pipelines(cfg, backbone, splits.train.num_classes, device)
-    training = train_pipelines(detectors, load_train_set(splits, proposals), device)
+    training = train_pipelines(detectors, load_train_set(splits, proposals), device, cfg.seed)
     test = load_test_set(splits, proposals, device)
     plan = plan_timing(cfg.bench, len(test.images))
+    load_before = machine_load()
     main = time_pass(detectors, test, _boxes_for(detectors, test), plan, device)
     variants = time_variants(detectors, test, plan, device)
     sweep = proposal_sweep(detectors, test, plan, cfg.bench, device)
@@ -79,6 +80,7 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path:
     speedups = compute_speedups(records, cfg)
     results = assemble(cfg, config_path, device, splits, proposals, plan, backbone, records)
     results.update(speedup=speedups, sweep=sweep, examples=examples(cfg, splits, main))
+    results["timing"]["load"] = hygiene(load_before, machine_load(), cfg.bench.busy_share)
     results["wall_s"] = time.perf_counter() - started
     run_dir = write_run_folder(results, cfg)
     render([run_dir], run_dir)
@@ -88,10 +90,12 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path:
 
 
 def setup(cfg: RunConfig) -> torch.device:
-    """Thread count and device."""
+    """Thread count, device, seeds and deterministic kernels."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    return resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
+    make_reproducible(cfg.seed, cfg.deterministic, device)
+    return device
 
 
 def weights_sha1(module: torch.nn.Module) -> str:
@@ -126,7 +130,7 @@ def build_pipelines(
 
 
 def train_pipelines(
-    detectors: dict[str, Detector], train: TrainData, device: torch.device
+    detectors: dict[str, Detector], train: TrainData, device: torch.device, seed: int
 ) -> dict[str, dict]:
     """Train each pipeline in turn; per pipeline its stage times, extrapolated paper-schedule hours,
     peak memory and what its ``fit`` reported."""
@@ -134,7 +138,7 @@ def train_pipelines(
     for name, det in detectors.items():
         log(f"training {name}")
         timer = StageTimer(device)
-        with PeakMemory(device) as mem:
+        with PeakMemory(device) as mem, seeded(seed, name):
             info = det.fit(train, timer)
         stages = dict(timer.seconds)
         out[name] = {
@@ -146,6 +150,20 @@ def train_pipelines(
             "info": info,
         }
     return out
+
+
+def hygiene(before: dict, after: dict, busy_share: float) -> dict:
+    """The machine's load around the timing, and a warning when other processes were busy."""
+    shares = [m["other_cpu_share"] for m in (before, after) if m["other_cpu_share"] is not None]
+    busy = bool(shares) and max(shares) > busy_share
+    if busy:
+        log(
+            f"WARNING: other processes used {100 * max(shares):.0f}% of the CPU around the timing "
+            "(load average "
+            f"{before['load_1min']:.2f} before, {after['load_1min']:.2f} after): these times are "
+            "not figures; re-run on a quiet machine"
+        )
+    return {"before": before, "after": after, "busy": busy}
 
 
 def _boxes_for(detectors: dict[str, Detector], test: TestSet):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.compare import check, compare, read_baseline, write_baseline
+from benchmarks.compare import Side, check, compare, read_baseline, write_baseline
 from benchmarks.config import load_config
 from benchmarks.report import render
 from benchmarks.results import ResultsError, write_json
@@ -30,9 +30,13 @@ def tiny_run(tmp_path_factory):
 def worse(results: dict, factor: float) -> dict:
     """A copy whose R-CNN looks ``factor`` times faster: Fast R-CNN's speedup shrinks."""
     r = copy.deepcopy(results)
-    s = r["speedup"]["fast_rcnn/rcnn"]["inference"]
-    s["value"] /= factor
-    s["ci95"] = [v / factor for v in s["ci95"]]
+    for s in (
+        r["speedup"]["fast_rcnn/rcnn"]["inference"],
+        r["speedup"]["fast_rcnn/rcnn"]["inference"]["paired"],
+    ):
+        key = "value" if "value" in s else "geomean"
+        s[key] /= factor
+        s["ci95"] = [v / factor for v in s["ci95"]]
     return r
 
 
@@ -46,8 +50,10 @@ def test_compare_passes_on_its_own_run_and_fails_on_a_slower_one(tiny_run, tmp_p
     write_json(bad, worse(results, 5.0))
     assert compare(baseline, bad) == 1
     out = capsys.readouterr().out
-    assert "REGRESSION" in out
+    assert "WORSE" in out
     assert "speedup_inference[fast_rcnn/rcnn]" in out.split("regression in")[-1]
+    assert compare(baseline, bad, markdown=True) == 1
+    assert "| speedup_inference[fast_rcnn/rcnn] |" in capsys.readouterr().out
 
 
 def test_baseline_is_the_mean_of_several_runs(tiny_run, tmp_path):
@@ -65,22 +71,19 @@ def test_baseline_is_the_mean_of_several_runs(tiny_run, tmp_path):
     assert data["source_runs"] == [results["run_id"], other["run_id"]]
 
 
-def test_gate_uses_the_interval_not_the_point(tiny_run):
-    results = json.loads((tiny_run / "results.json").read_text())
-    base = {"metrics": {"speedup_inference[fast_rcnn/rcnn]": {"value": 10.0, "tolerance": 0.2}}}
-    r = copy.deepcopy(results)
-    r["speedup"]["fast_rcnn/rcnn"]["inference"] = {
-        "value": 7.0,
-        "ci95": [5.0, 8.5],
-    }  # point below 8, interval reaches it
-    assert check(base, r)[0]["ok"]
-    r["speedup"]["fast_rcnn/rcnn"]["inference"] = {"value": 7.0, "ci95": [6.0, 7.9]}
-    assert not check(base, r)[0]["ok"]
-    base = {"metrics": {"map[rcnn]": {"value": 0.6, "tolerance": 0.05}}}
-    r["pipelines"]["rcnn"]["map"]["voc07"] = 0.54
-    assert not check(base, r)[0]["ok"]
-    r["pipelines"]["rcnn"]["map"]["voc07"] = 0.56
-    assert check(base, r)[0]["ok"]
+def _side(metrics: dict, kind: str = "baseline") -> Side:
+    return Side("x", kind, metrics, "default")
+
+
+def test_speedup_gate_is_two_sided_and_map_one_sided():
+    base = _side({"speedup_inference[f/r]": {"value": 10.0, "tolerance": 0.05}})
+    for value, verdict in ((9.4, "worse"), (9.6, "same"), (10.4, "same"), (10.6, "changed")):
+        run = _side({"speedup_inference[f/r]": {"value": value, "ci95": None}}, "run")
+        assert check(base, run)[0]["verdict"] == verdict, value
+    base = _side({"map[rcnn]": {"value": 0.6, "tolerance": 0.05}})
+    for value, verdict in ((0.54, "worse"), (0.56, "same"), (0.7, "better")):
+        run = _side({"map[rcnn]": {"value": value, "ci95": None}}, "run")
+        assert check(base, run)[0]["verdict"] == verdict, value
 
 
 def test_bad_baseline_files(tmp_path):

@@ -114,7 +114,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
         and "\n" not in err
     )
     assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 2
-    assert "a.json: baseline file is missing" in capsys.readouterr().err
+    assert "a.json: results or baseline file is missing" in capsys.readouterr().err
 
 
 def test_cli_generates_synthetic_data(tmp_path, capsys):

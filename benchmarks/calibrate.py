@@ -1,0 +1,80 @@
+"""`rcnn-bench calibrate`: run a config N times on one machine (A/A), measure each gated metric's
+run-to-run noise, and write the baseline with tolerances derived from it.
+
+Each run is a fresh process, as CI's is. A metric's tolerance is twice the largest deviation from the
+mean seen over the N runs (relative for speedups, absolute for mAP), and never below a floor: a
+tolerance tighter than the noise fails builds at random, a looser one misses regressions.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.compare import metric_kind, tracked_metrics, write_baseline
+from benchmarks.results import read_results
+
+__all__ = ["FLOORS", "calibrate", "tolerances"]
+
+# The smallest tolerance of each kind: speedups relative, mAP absolute (what differs between two
+# machines of one kind when training is bit-reproducible on each).
+FLOORS = {"speedup_inference": 0.02, "speedup_train": 0.05, "map": 0.01}
+FACTOR = 2.0
+METHOD = (
+    "tolerance = max(floor, 2 x the largest deviation from the mean over {n} A/A runs), relative "
+    "for speedups and absolute for mAP; floors {floors}"
+)
+
+
+def tolerances(runs: list[dict]) -> tuple[dict[str, float], dict[str, dict]]:
+    """Each tracked metric's tolerance from A/A runs, and the spread it came from.
+
+    Returns:
+        ({metric: tolerance}, {metric: {"mean", "min", "max", "deviation"}}).
+    """
+    measured = [tracked_metrics(r) for r in runs]
+    tols, spread = {}, {}
+    for name in measured[0]:
+        values = np.array([m[name]["value"] for m in measured])
+        mean = float(values.mean())
+        dev = float(np.abs(values - mean).max())
+        if metric_kind(name).startswith("speedup"):
+            dev /= mean
+        tols[name] = max(FLOORS[metric_kind(name)], FACTOR * dev)
+        spread[name] = {
+            "mean": mean,
+            "min": float(values.min()),
+            "max": float(values.max()),
+            "deviation": dev,
+        }
+    return tols, spread
+
+
+def calibrate(config: str, runs: int, out: str | Path, overrides: list[str], reports: Path) -> dict:
+    """Run ``config`` ``runs`` times in fresh processes and write the baseline ``out``.
+
+    Returns:
+        {"baseline": what was written, "spread": per metric}.
+    """
+    if runs < 3:
+        raise ValueError(f"calibrate needs at least 3 runs to see the noise, got {runs}")
+    folders = []
+    for k in range(runs):
+        print(f"[rcnn-bench] calibration run {k + 1} of {runs}", flush=True)
+        cmd = [sys.executable, "-m", "benchmarks.cli", "run", "--config", config]
+        for item in [*overrides, f"output_dir={reports}"]:
+            cmd += ["--set", item]
+        subprocess.run(cmd, check=True)
+        folders.append((reports / "latest").resolve())
+    results = [read_results(f) for f in folders]
+    tols, spread = tolerances(results)
+    method = METHOD.format(n=runs, floors=FLOORS)
+    note = (
+        f"{runs} A/A runs of {config} on {results[-1]['env']['device_name']} "
+        f"({results[-1]['env']['cpu_count']} CPUs, {results[-1]['env']['threads']} threads)"
+    )
+    baseline = write_baseline(folders, out, note=note, tolerances=tols, method=method)
+    return {"baseline": baseline, "spread": spread}
