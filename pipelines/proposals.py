@@ -6,14 +6,25 @@ pixels; boxes with a side under ``min_side`` and duplicates are dropped, and at 
 ``max_proposals`` are kept in selective search's own order. Images are processed in worker processes;
 the result is cached on disk, keyed by the dataset, the split and the parameters, and the cache
 records the image ids it was computed for.
+
+Selective search orders its regions by a random rank drawn from the C library's ``rand()``
+(opencv_contrib, selectivesearchsegmentation.cpp). :func:`selective_search` seeds ``srand`` from
+``ProposalConfig.seed`` and the image id right before segmenting, so the proposals of an image do not
+depend on which process computed it or on what that process computed before.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import json
 import multiprocessing
+import os
 import time
+import zlib
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,14 +38,15 @@ from datasets.voc import DatasetError, VOCDataset, read_image
 from pipelines.boxes import box_iou, clip_boxes, min_side_keep, unique_boxes
 
 __all__ = [
+    "ProposalCacheError",
     "ProposalConfig",
     "ProposalSet",
-    "ProposalCacheError",
-    "selective_search",
+    "image_seed",
     "load_or_compute",
+    "selective_search",
 ]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: proposals are seeded (ProposalConfig.seed); version 1 ones were not
 
 
 class ProposalCacheError(ValueError):
@@ -49,6 +61,7 @@ class ProposalConfig:
     resize_max_side: int = 500  # shrink images so the longer side is at most this before segmenting
     min_side: float = 4.0  # drop boxes with a side under this many pixels (original image)
     max_proposals: int = 2000  # keep at most this many per image, in selective search's order
+    seed: int = 0  # with the image id, seeds the random rank that orders selective search's boxes
 
     def __post_init__(self):
         if self.mode not in ("fast", "quality"):
@@ -91,13 +104,55 @@ class ProposalSet:
             "recall_iou70": hits[0.7] / max(total, 1),
         }
 
+    def sha1(self) -> str:
+        """SHA-1 (40 hex digits) of the image ids and their boxes, for results.json: equal hashes
+        mean equal proposals. Timings are left out (they differ on every run).
 
-def selective_search(image: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
-    """Selective-search boxes of one image.
+        Each image adds its id's UTF-8 bytes, a NUL, its box count as a little-endian int64 and its
+        boxes as little-endian float32 in row order, so the hash does not depend on the machine's
+        byte order and no two different sets hash the same bytes.
+        """
+        digest = hashlib.sha1()
+        for image_id, boxes in zip(self.image_ids, self.boxes, strict=True):
+            data = np.ascontiguousarray(boxes, dtype="<f4").reshape(-1, 4)
+            digest.update(image_id.encode() + b"\0")
+            digest.update(np.array(len(data), dtype="<i8").tobytes())
+            digest.update(data.tobytes())
+        return digest.hexdigest()
+
+
+def image_seed(seed: int, image_id: str) -> int:
+    """The C ``srand`` seed of one image: CRC-32 of ``"<seed>:<image_id>"``, in [0, 2**32).
+
+    A stable hash (Python's hash() of a str changes from process to process), and a different one
+    per image so that images do not all share the same sequence of ranks.
+    """
+    return zlib.crc32(f"{seed}:{image_id}".encode())
+
+
+@functools.cache
+def _c_srand() -> Callable[[int], None]:
+    """The C library's srand, the one whose rand() OpenCV's selective search calls."""
+    # dlopen(NULL) searches the symbols already loaded into the process, where OpenCV's rand()
+    # binds too (the opencv-python wheels link the system's libc); on Windows the CRT is ucrtbase.
+    candidates = [None, ctypes.util.find_library("c")] if os.name == "posix" else ["ucrtbase"]
+    for name in candidates:
+        try:
+            srand = ctypes.CDLL(name).srand
+        except (OSError, AttributeError, TypeError):
+            continue
+        srand.argtypes, srand.restype = [ctypes.c_uint], None
+        return srand
+    raise OSError("cannot find the C library's srand: selective search cannot be seeded here")
+
+
+def selective_search(image: np.ndarray, cfg: ProposalConfig, image_id: str = "") -> np.ndarray:
+    """Selective-search boxes of one image, the same on every call for the same image, id and cfg.
 
     Args:
         image: RGB uint8 (H, W, 3).
         cfg: the settings.
+        image_id: the image's id; with cfg.seed it seeds the random rank of the boxes.
 
     Returns:
         float32 (R, 4) xyxy boxes in the image's pixels, R <= cfg.max_proposals, no duplicates,
@@ -120,6 +175,11 @@ def selective_search(image: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
         ss.switchToSelectiveSearchFast()
     else:
         ss.switchToSelectiveSearchQuality()
+    # process() ranks regions by rand() * level; the C library's generator is global to the process,
+    # so it is seeded here, right before, from this image alone. (cv2.setRNGSeed, OpenCV's own
+    # generator, does not change the result: checked.) rand() is shared by every thread of the
+    # process, so two threads must not run this at once; compute() uses processes.
+    _c_srand()(image_seed(cfg.seed, image_id))
     rects = torch.from_numpy(ss.process().astype(np.float32).reshape(-1, 4))  # (x, y, w, h), small
     boxes = torch.cat((rects[:, :2], rects[:, :2] + rects[:, 2:]), dim=1) / scale
     boxes = clip_boxes(torch.round(boxes * 100) / 100, (h, w))
@@ -127,12 +187,12 @@ def selective_search(image: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
     return boxes[unique_boxes(boxes)][: cfg.max_proposals].numpy()
 
 
-def _worker(args: tuple[str, ProposalConfig]) -> tuple[np.ndarray, float]:
-    path, cfg = args
+def _worker(args: tuple[str, str, ProposalConfig]) -> tuple[np.ndarray, float]:
+    path, image_id, cfg = args
     cv2.setNumThreads(1)
     image = read_image(path)
     start = time.perf_counter()
-    boxes = selective_search(image, cfg)
+    boxes = selective_search(image, cfg, image_id)
     return boxes, time.perf_counter() - start
 
 
@@ -187,8 +247,11 @@ def load(path: Path, dataset: VOCDataset) -> ProposalSet:
 
 
 def compute(dataset: VOCDataset, cfg: ProposalConfig, workers: int = 1) -> ProposalSet:
-    """Run selective search on every image of a split, in ``workers`` processes, with a progress bar."""
-    jobs = [(str(dataset.image_path(i)), cfg) for i in dataset.image_ids]
+    """Run selective search on every image of a split, in ``workers`` processes, with a progress bar.
+
+    The boxes do not depend on ``workers`` (each image is seeded on its own).
+    """
+    jobs = [(str(dataset.image_path(i)), i, cfg) for i in dataset.image_ids]
     desc = f"proposals {dataset.name}/{dataset.split}"
     if workers <= 1:
         results = [_worker(job) for job in tqdm(jobs, desc=desc, unit="img")]
@@ -200,7 +263,7 @@ def compute(dataset: VOCDataset, cfg: ProposalConfig, workers: int = 1) -> Propo
             results = list(
                 tqdm(pool.map(_worker, jobs, chunksize=4), total=len(jobs), desc=desc, unit="img")
             )
-    for (path, _), (boxes, _) in zip(jobs, results, strict=True):
+    for (path, _, _), (boxes, _) in zip(jobs, results, strict=True):
         if len(boxes) == 0:
             raise DatasetError(path, "selective search found no box (blank image?)")
     return ProposalSet(

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import hashlib
 import shutil
+import struct
 from unittest import mock
 
 import numpy as np
@@ -11,6 +13,9 @@ from pipelines import proposals as P
 from pipelines.proposals import (
     ProposalCacheError,
     ProposalConfig,
+    ProposalSet,
+    compute,
+    image_seed,
     load_or_compute,
     selective_search,
 )
@@ -35,27 +40,85 @@ def test_selective_search_boxes_follow_the_rules(tiny_voc):
     assert len(quality) > len(selective_search(image, ProposalConfig(resize_max_side=64)))
 
 
+def test_image_seed_is_a_fixed_crc32():
+    # CRC-32 of "0:test_00000" and "7:test_00000": the same in every process and on every run.
+    assert image_seed(0, "test_00000") == 129071483
+    assert image_seed(7, "test_00000") == 1932103924
+
+
+def test_selective_search_repeats_itself_in_one_process(tiny_voc):
+    ds = VOCDataset(tiny_voc[0], "test")
+    image, other = ds.load_image(0), ds.load_image(1)
+    first = selective_search(image, CFG, ds.image_ids[0])
+    # Another image in between moves the C library's rand() on; the next call reseeds it.
+    selective_search(other, CFG, ds.image_ids[1])
+    np.testing.assert_array_equal(selective_search(image, CFG, ds.image_ids[0]), first)
+
+
+def test_seed_and_image_id_choose_the_order(tiny_voc):
+    ds = VOCDataset(tiny_voc[0], "test")
+    image = ds.load_image(0)
+    every = ProposalConfig(resize_max_side=64, min_side=3)  # max_proposals 2000: no box cut off
+    base = selective_search(image, every, "test_00000")
+    reseeded = selective_search(image, ProposalConfig(**{**vars(every), "seed": 1}), "test_00000")
+    renamed = selective_search(image, every, "test_00001")
+    assert not np.array_equal(base, reseeded) and not np.array_equal(base, renamed)
+    # The same regions, in another order.
+    for boxes in (reseeded, renamed):
+        assert sorted(map(tuple, boxes)) == sorted(map(tuple, base))
+    # And only they changed it: the first settings again give the first order.
+    np.testing.assert_array_equal(selective_search(image, every, "test_00000"), base)
+
+
+def test_workers_do_not_change_the_proposals(tiny_voc):
+    ds = VOCDataset(tiny_voc[0], "trainval")
+    one, two = compute(ds, CFG, workers=1), compute(ds, CFG, workers=2)
+    for a, b in zip(one.boxes, two.boxes, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert one.sha1() == two.sha1()
+    other_seed = compute(ds, ProposalConfig(**{**vars(CFG), "seed": 1}), workers=1)
+    assert other_seed.sha1() != one.sha1()
+
+
+def test_sha1_covers_ids_and_boxes_but_not_timings():
+    boxes = [np.array([[0, 1, 2, 3]], np.float32), np.zeros((0, 4), np.float32)]
+    props = ProposalSet(["a", "bc"], boxes, np.array([0.5, 0.25]))
+    expected = hashlib.sha1(
+        b"a\0"
+        + struct.pack("<q", 1)
+        + struct.pack("<4f", 0, 1, 2, 3)
+        + b"bc\0"
+        + struct.pack("<q", 0)
+    ).hexdigest()
+    assert props.sha1() == expected
+    assert ProposalSet(["a", "bc"], boxes, np.array([9.0, 9.0])).sha1() == expected
+    # The same boxes under the other image: another hash.
+    assert ProposalSet(["a", "bc"], boxes[::-1], props.seconds).sha1() != expected
+
+
 def test_computed_once_then_read_from_cache(tiny_voc, tmp_path):
     ds = VOCDataset(tiny_voc[0], "trainval")
     first, cached = load_or_compute(ds, CFG, tmp_path, workers=2)
     assert not cached and first.image_ids == ds.image_ids
     with mock.patch.object(P, "compute", side_effect=AssertionError("recomputed")):
         second, cached = load_or_compute(ds, CFG, tmp_path, workers=1)
-    assert cached
+    assert cached and second.sha1() == first.sha1()
     for a, b in zip(first.boxes, second.boxes, strict=True):
         np.testing.assert_array_equal(a, b)
     stats = second.stats(ds)
     assert stats["mean_per_image"] > 0 and 0 < stats["recall_iou50"] <= 1
     assert stats["recall_iou70"] <= stats["recall_iou50"]
-    # Other parameters are another cache entry.
+    # Other parameters, the seed included, are another cache entry.
     assert P.cache_path(tmp_path, ds, CFG) != P.cache_path(tmp_path, ds, ProposalConfig())
+    reseeded = ProposalConfig(**{**vars(CFG), "seed": 1})
+    assert P.cache_path(tmp_path, ds, CFG) != P.cache_path(tmp_path, ds, reseeded)
 
 
 def test_cache_of_another_split_is_refused(tiny_voc, tmp_path):
     train, test = VOCDataset(tiny_voc[0], "trainval"), VOCDataset(tiny_voc[0], "test")
     load_or_compute(test, CFG, tmp_path, workers=1)
     shutil.copy(P.cache_path(tmp_path, test, CFG), P.cache_path(tmp_path, train, CFG))
-    with pytest.raises(ProposalCacheError, match="computed for split 'test'.*image ids differ"):
+    with pytest.raises(ProposalCacheError, match=r"computed for split 'test'.*image ids differ"):
         load_or_compute(train, CFG, tmp_path)
 
 
@@ -69,5 +132,5 @@ def test_corrupt_cache_is_refused(tiny_voc, tmp_path):
 
 
 def test_bad_mode():
-    with pytest.raises(ValueError, match="proposals.mode"):
+    with pytest.raises(ValueError, match=r"proposals\.mode"):
         ProposalConfig(mode="slow")
