@@ -22,7 +22,9 @@ import hashlib
 import json
 import multiprocessing
 import os
+import sys
 import time
+import zipfile
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -38,6 +40,7 @@ from datasets.voc import DatasetError, VOCDataset, read_image
 from pipelines.boxes import box_iou, clip_boxes, min_side_keep, unique_boxes
 
 __all__ = [
+    "DamagedProposalCacheError",
     "ProposalCacheError",
     "ProposalConfig",
     "ProposalSet",
@@ -51,6 +54,10 @@ CACHE_VERSION = 2  # 2: proposals are seeded (ProposalConfig.seed); version 1 on
 
 class ProposalCacheError(ValueError):
     """A proposal cache that does not belong to the split it was asked for."""
+
+
+class DamagedProposalCacheError(ProposalCacheError):
+    """A proposal cache file that cannot be read back (truncated, not an .npz, missing arrays)."""
 
 
 @dataclass(frozen=True)
@@ -227,14 +234,39 @@ def save(path: Path, props: ProposalSet, dataset: VOCDataset, cfg: ProposalConfi
 
 
 def load(path: Path, dataset: VOCDataset) -> ProposalSet:
-    """Read a cache file and check that it was computed for exactly this split's images."""
+    """Read a cache file and check that it was computed for exactly this split's images.
+
+    Raises:
+        DamagedProposalCacheError: the file cannot be read back (truncated, not an .npz, arrays
+            missing or of inconsistent sizes).
+        ProposalCacheError: a readable cache of other images or annotations.
+    """
     try:
         with np.load(path, allow_pickle=False) as f:
             boxes, counts, seconds = f["boxes"], f["counts"], f["seconds"]
             image_ids = [str(i) for i in f["image_ids"]]
             meta = json.loads(str(f["meta"]))
-    except (OSError, KeyError, ValueError) as err:
-        raise ProposalCacheError(f"{path}: unreadable proposal cache ({err}); delete it") from None
+    # What a truncated or overwritten .npz raises, depending on where it was cut: BadZipFile (no
+    # zip directory), EOFError and ValueError (short or garbled array header or data), KeyError
+    # (an array missing), OSError (unreadable); JSONDecodeError is a ValueError.
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as err:
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        raise DamagedProposalCacheError(f"{path}: damaged proposal cache ({reason})") from None
+    if (
+        boxes.ndim != 2
+        or boxes.shape[1] != 4
+        or counts.ndim != 1
+        or len(counts) != len(image_ids)
+        or len(seconds) != len(image_ids)
+        or (counts < 0).any()
+        or int(counts.sum()) != len(boxes)
+    ):
+        raise DamagedProposalCacheError(
+            f"{path}: damaged proposal cache (array sizes disagree: {len(boxes)} boxes, "
+            f"{len(counts)} counts, {len(seconds)} timings, {len(image_ids)} image ids)"
+        )
+    if not isinstance(meta, dict):
+        raise DamagedProposalCacheError(f"{path}: damaged proposal cache (meta is not a mapping)")
     if image_ids != list(dataset.image_ids):
         raise ProposalCacheError(
             f"{path}: proposal cache was computed for split {meta.get('split')!r} "
@@ -276,14 +308,26 @@ def compute(dataset: VOCDataset, cfg: ProposalConfig, workers: int = 1) -> Propo
 def load_or_compute(
     dataset: VOCDataset, cfg: ProposalConfig, cache_dir: str | Path, workers: int = 1
 ) -> tuple[ProposalSet, bool]:
-    """The split's proposals from the cache, computing and caching them when absent.
+    """The split's proposals from the cache, computing and caching them when absent or damaged.
+
+    A damaged cache file (see :func:`load`) is reported in one line on stderr, deleted and
+    recomputed; a readable cache of other images is still an error.
 
     Returns:
         (proposals, True when they came from the cache).
+
+    Raises:
+        ProposalCacheError: the cache file holds other images or annotations.
     """
     path = cache_path(cache_dir, dataset, cfg)
     if path.is_file():
-        return load(path, dataset), True
+        try:
+            return load(path, dataset), True
+        except DamagedProposalCacheError as err:
+            # The key (dataset fingerprint and settings) is in the file name, so a damaged file
+            # there can only be a write cut short or a copy gone wrong: nothing worth keeping.
+            print(f"[rcnn-bench] {err}; deleting it and recomputing", file=sys.stderr, flush=True)
+            path.unlink(missing_ok=True)
     props = compute(dataset, cfg, workers)
     save(path, props, dataset, cfg)
     return props, False

@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import struct
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -122,13 +123,47 @@ def test_cache_of_another_split_is_refused(tiny_voc, tmp_path):
         load_or_compute(train, CFG, tmp_path)
 
 
-def test_corrupt_cache_is_refused(tiny_voc, tmp_path):
+def _without_meta(path: Path) -> None:
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files if k != "meta"}
+    np.savez(path, **arrays)
+
+
+def _one_count_more(path: Path) -> None:
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["counts"] = arrays["counts"] + np.eye(1, len(arrays["counts"]), dtype=np.int64)[0]
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "(BadZipFile: "),
+        (lambda p: p.write_bytes(b""), "(EOFError: "),
+        (lambda p: p.write_bytes(b"junk"), "(ValueError: "),
+        (_without_meta, "(KeyError: "),
+        (_one_count_more, "(array sizes disagree: "),
+    ],
+    ids=["truncated", "zero-byte", "junk", "missing-array", "counts-disagree"],
+)
+def test_damaged_cache_is_recomputed(tiny_voc, tmp_path, capsys, damage, reason):
     ds = VOCDataset(tiny_voc[0], "test")
+    original, _ = load_or_compute(ds, CFG, tmp_path)
     path = P.cache_path(tmp_path, ds, CFG)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"junk")
-    with pytest.raises(ProposalCacheError, match="unreadable proposal cache"):
-        load_or_compute(ds, CFG, tmp_path)
+    damage(path)
+    capsys.readouterr()
+    props, cached = load_or_compute(ds, CFG, tmp_path)
+    assert not cached and props.sha1() == original.sha1()
+    # splitlines() also splits at the progress bar's carriage returns.
+    notes = [s for s in capsys.readouterr().err.splitlines() if s.startswith("[rcnn-bench]")]
+    assert len(notes) == 1
+    assert notes[0].startswith(f"[rcnn-bench] {path}: damaged proposal cache {reason}")
+    assert notes[0].endswith("); deleting it and recomputing")
+    # The rewritten file is whole again: read back without recomputing.
+    with mock.patch.object(P, "compute", side_effect=AssertionError("recomputed")):
+        again, cached = load_or_compute(ds, CFG, tmp_path)
+    assert cached and again.sha1() == original.sha1()
 
 
 def test_bad_mode():
