@@ -11,6 +11,9 @@ Selective search orders its regions by a random rank drawn from the C library's 
 (opencv_contrib, selectivesearchsegmentation.cpp). :func:`selective_search` seeds ``srand`` from
 ``ProposalConfig.seed`` and the image id right before segmenting, so the proposals of an image do not
 depend on which process computed it or on what that process computed before.
+
+Worker processes end with their parent, even one killed outright (Linux), and Ctrl-C stops them;
+whatever fails in a worker comes back as one DatasetError line that names the image file.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 import zipfile
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,6 +55,8 @@ __all__ = [
 ]
 
 CACHE_VERSION = 2  # 2: proposals are seeded (ProposalConfig.seed); version 1 ones were not
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class ProposalCacheError(ValueError):
@@ -194,13 +201,83 @@ def selective_search(image: np.ndarray, cfg: ProposalConfig, image_id: str = "")
     return boxes[unique_boxes(boxes)][: cfg.max_proposals].numpy()
 
 
+def _init_worker(parent_pid: int) -> None:
+    """Pool initializer: tie the worker's life to the parent's, and leave Ctrl-C to the parent."""
+    # Ctrl-C reaches the whole process group; the parent stops the pool itself (compute()), and
+    # interrupted workers would only add tracebacks (or send KeyboardInterrupt back as a result).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        # Killed parents (SIGKILL, OOM killer) run no clean-up, and a worker blocked on the task
+        # queue would then wait forever, since it holds that queue's write end itself: have the
+        # kernel kill the worker when the thread that started it exits. compute() starts the
+        # workers from its calling thread and shuts the pool down before returning.
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed in a proposal worker")
+    # A parent that died before prctl took effect has left us to init already: no signal will come.
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def _worker(args: tuple[str, str, ProposalConfig]) -> tuple[np.ndarray, float]:
+    """Selective search on one image file: (float32 (R, 4) boxes, seconds it took).
+
+    Raises:
+        DatasetError: for any failure, naming the file (a picklable, one-line error, so that it
+            reaches the parent of a worker process intact).
+    """
     path, image_id, cfg = args
     cv2.setNumThreads(1)
-    image = read_image(path)
-    start = time.perf_counter()
-    boxes = selective_search(image, cfg, image_id)
+    try:
+        image = read_image(path)
+        start = time.perf_counter()
+        boxes = selective_search(image, cfg, image_id)
+    except DatasetError:
+        raise
+    except Exception as err:  # cv2.error and others: multi-line messages, maybe not picklable
+        problem = " ".join(str(err).split())
+        raise DatasetError(
+            path, f"selective search failed ({type(err).__name__}: {problem})"
+        ) from None
     return boxes, time.perf_counter() - start
+
+
+def _run_pool(jobs: list[tuple[str, str, ProposalConfig]], workers: int, desc: str) -> list:
+    """``[_worker(job) for job in jobs]`` in ``workers`` spawned processes, in order."""
+    # spawn, not fork: a forked child inherits OpenCV's and torch's thread pools mid-state and can
+    # deadlock. (A script calling this needs the usual `if __name__ == "__main__":` guard.)
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)
+    )
+    results = []
+    try:
+        # One future per image (not map's chunks): a failure is then tied to one image's file.
+        futures = [pool.submit(_worker, job) for job in jobs]
+        for job, future in zip(jobs, tqdm(futures, desc=desc, unit="img"), strict=True):
+            try:
+                results.append(future.result())
+            except BrokenProcessPool:
+                # A worker died without an exception (crash, out of memory, killed); futures are
+                # read in order, so this image was in progress or queued next.
+                raise DatasetError(
+                    job[0],
+                    "a proposal worker process died while this image (or one started with it) was "
+                    "being segmented; rerun with 1 worker to see which image fails",
+                ) from None
+    except KeyboardInterrupt:
+        # Stop now: drop the queued images, and kill the running ones rather than wait for them
+        # (the interpreter would otherwise wait for them at exit). shutdown() forgets the processes.
+        running = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in running:
+            process.terminate()
+        raise
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)  # only the images already started remain
+        raise
+    pool.shutdown(wait=True)
+    return results
 
 
 def cache_path(cache_dir: str | Path, dataset: VOCDataset, cfg: ProposalConfig) -> Path:
@@ -282,19 +359,18 @@ def compute(dataset: VOCDataset, cfg: ProposalConfig, workers: int = 1) -> Propo
     """Run selective search on every image of a split, in ``workers`` processes, with a progress bar.
 
     The boxes do not depend on ``workers`` (each image is seeded on its own).
+
+    Raises:
+        DatasetError: an image that is missing, cannot be decoded or yields no box, or whose worker
+            failed; one line naming the file.
+        KeyboardInterrupt: re-raised after the queued images are dropped and the workers stopped.
     """
     jobs = [(str(dataset.image_path(i)), i, cfg) for i in dataset.image_ids]
     desc = f"proposals {dataset.name}/{dataset.split}"
     if workers <= 1:
         results = [_worker(job) for job in tqdm(jobs, desc=desc, unit="img")]
     else:
-        # spawn, not fork: a forked child inherits OpenCV's and torch's thread pools mid-state and can
-        # deadlock. (A script calling this needs the usual `if __name__ == "__main__":` guard.)
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            results = list(
-                tqdm(pool.map(_worker, jobs, chunksize=4), total=len(jobs), desc=desc, unit="img")
-            )
+        results = _run_pool(jobs, workers, desc)
     for (path, _, _), (boxes, _) in zip(jobs, results, strict=True):
         if len(boxes) == 0:
             raise DatasetError(path, "selective search found no box (blank image?)")

@@ -1,15 +1,24 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import pickle
+import select
 import shutil
+import signal
 import struct
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 from unittest import mock
 
+import cv2
 import numpy as np
 import pytest
 
-from datasets.voc import VOCDataset
+from datasets.voc import DatasetError, VOCDataset
 from pipelines import proposals as P
 from pipelines.proposals import (
     ProposalCacheError,
@@ -22,6 +31,7 @@ from pipelines.proposals import (
 )
 
 CFG = ProposalConfig(resize_max_side=64, max_proposals=50, min_side=3)
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_selective_search_boxes_follow_the_rules(tiny_voc):
@@ -166,6 +176,164 @@ def test_damaged_cache_is_recomputed(tiny_voc, tmp_path, capsys, damage, reason)
     assert cached and again.sha1() == original.sha1()
 
 
+def test_zero_byte_image_in_a_worker_names_the_file(tiny_voc, tmp_path):
+    root = shutil.copytree(tiny_voc[0], tmp_path / "tiny")
+    ds = VOCDataset(root, "test")
+    broken = ds.image_path("test_00002")
+    broken.write_bytes(b"")
+    with pytest.raises(DatasetError) as err:
+        compute(ds, CFG, workers=2)
+    assert str(err.value) == f"{broken}: image cannot be decoded (corrupt or not an image)"
+    assert err.value.path == str(broken)
+
+
+def test_worker_errors_become_picklable_one_line_dataset_errors(tiny_voc):
+    path = str(VOCDataset(tiny_voc[0], "test").image_path("test_00000"))
+    failure = cv2.error("OpenCV(5.1.0) selectivesearch.cpp:1: error:\n  bad things")
+    with mock.patch.object(P, "selective_search", side_effect=failure):
+        with pytest.raises(DatasetError) as err:
+            P._worker((path, "test_00000", CFG))
+    message = (
+        f"{path}: selective search failed "
+        "(error: OpenCV(5.1.0) selectivesearch.cpp:1: error: bad things)"
+    )
+    assert str(err.value) == message
+    copy = pickle.loads(pickle.dumps(err.value))
+    assert type(copy) is DatasetError and str(copy) == message
+    assert (copy.path, copy.problem) == (err.value.path, err.value.problem)
+
+
 def test_bad_mode():
     with pytest.raises(ValueError, match=r"proposals\.mode"):
         ProposalConfig(mode="slow")
+
+
+# --- worker processes and the parent's death or interruption (Linux: /proc, prctl) ---
+
+_CHILD = textwrap.dedent(
+    """
+    import sys
+
+    from datasets.voc import VOCDataset
+    from pipelines import proposals as P
+
+
+    def announce(items, **kwargs):  # stands in for compute()'s progress bar
+        for i, item in enumerate(items):
+            yield item
+            if i == 0:  # the first image is done: the pool and its workers are running
+                print("running", flush=True)
+
+
+    if __name__ == "__main__":
+        P.tqdm = announce
+        ds = VOCDataset(sys.argv[1], "test")
+        P.compute(ds, P.ProposalConfig(mode="quality", resize_max_side=160), workers=2)
+        print("finished", flush=True)
+    """
+)
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields from the 3rd (state) on, or None when there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _alive(pid: int, start: str) -> bool:
+    """Whether process PID, started at clock tick ``start``, still runs (a zombie does not)."""
+    fields = _stat(pid)
+    return fields is not None and fields[19] == start and fields[0] not in "ZX"
+
+
+def _workers_of(pid: int) -> dict[int, str]:
+    """{pid: start tick} of the pool workers whose parent is PID."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        fields = _stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields is None or fields[1] != str(pid):
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            found[int(entry.name)] = fields[19]
+    return found
+
+
+def _wait_dead(procs: dict[int, str], seconds: float) -> list[int]:
+    """The pids of ``procs`` still alive after at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while (left := [p for p, s in procs.items() if _alive(p, s)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+@pytest.fixture
+def running_child(tmp_path):
+    """(child process, {worker pid: start tick}) of a Python child whose compute() runs 2 workers
+    on 32 images of about 0.5 s each; the child and workers are killed afterwards if still there."""
+    root = tmp_path / "voc"
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    ids = [f"img{k:02d}" for k in range(32)]
+    for image_id in ids:  # 8x8 blocks of random colour, with noise: many regions to merge
+        blocks = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        image = cv2.resize(blocks, (160, 160), interpolation=cv2.INTER_NEAREST)
+        image = np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
+        cv2.imwrite(str(root / "JPEGImages" / f"{image_id}.jpg"), image)
+        (root / "Annotations" / f"{image_id}.xml").write_text(
+            "<annotation><size><width>160</width><height>160</height></size></annotation>"
+        )
+    (root / "ImageSets" / "Main" / "test.txt").write_text("\n".join(ids) + "\n")
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group, as a shell job is: Ctrl-C goes to it alone
+    )
+    workers = {}
+    try:
+        ready, _, _ = select.select([child.stdout], [], [], 60)
+        line = child.stdout.readline() if ready else ""
+        assert line == "running\n", child.stderr.read() if child.poll() is not None else line
+        workers = _workers_of(child.pid)
+        assert len(workers) == 2 and all(_alive(pid, start) for pid, start in workers.items())
+        yield child, workers
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        for pid in _wait_dead(workers, 0):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and prctl")
+def test_workers_die_with_a_killed_parent(running_child):
+    child, workers = running_child
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert _wait_dead(workers, 5) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and prctl")
+def test_ctrl_c_stops_compute_within_seconds(running_child):
+    child, workers = running_child
+    start = time.monotonic()
+    os.killpg(child.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+    returncode = child.wait(30)
+    elapsed = time.monotonic() - start
+    # About 15 s of queued images are left; only the ones running may finish.
+    assert elapsed < 4, f"took {elapsed:.1f} s"
+    assert returncode == -signal.SIGINT
+    assert child.stderr.read().rstrip().splitlines()[-1] == "KeyboardInterrupt"
+    assert _wait_dead(workers, 1) == []
