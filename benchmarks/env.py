@@ -46,7 +46,7 @@ def make_reproducible(seed: int, deterministic: bool, device: torch.device) -> N
     count: the same losses, detections and APs.
     """
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 (the global stream a library may draw from)
     torch.manual_seed(seed)
     if not deterministic:
         return

@@ -65,6 +65,12 @@ class DatasetError(ValueError):
         self.path = str(path)
         self.problem = problem
 
+    def __reduce__(self):
+        # An exception pickles as ``cls(*self.args)``, and args here is the one formatted message,
+        # which does not fit __init__(path, problem): without this a DatasetError raised in a worker
+        # process could not be unpickled in the parent, which then only saw a broken process pool.
+        return type(self), (self.path, self.problem)
+
 
 @dataclass(frozen=True)
 class Annotation:

@@ -6,15 +6,33 @@ pixels; boxes with a side under ``min_side`` and duplicates are dropped, and at 
 ``max_proposals`` are kept in selective search's own order. Images are processed in worker processes;
 the result is cached on disk, keyed by the dataset, the split and the parameters, and the cache
 records the image ids it was computed for.
+
+Selective search orders its regions by a random rank drawn from the C library's ``rand()``
+(opencv_contrib, selectivesearchsegmentation.cpp). :func:`selective_search` seeds ``srand`` from
+``ProposalConfig.seed`` and the image id right before segmenting, so the proposals of an image do not
+depend on which process computed it or on what that process computed before.
+
+Worker processes end with their parent, even one killed outright (Linux), and Ctrl-C stops them;
+whatever fails in a worker comes back as one DatasetError line that names the image file.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import json
 import multiprocessing
+import os
+import signal
+import sys
 import time
+import zipfile
+import zlib
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,18 +45,26 @@ from datasets.voc import DatasetError, VOCDataset, read_image
 from pipelines.boxes import box_iou, clip_boxes, min_side_keep, unique_boxes
 
 __all__ = [
+    "DamagedProposalCacheError",
     "ProposalCacheError",
     "ProposalConfig",
     "ProposalSet",
+    "image_seed",
     "load_or_compute",
     "selective_search",
 ]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: proposals are seeded (ProposalConfig.seed); version 1 ones were not
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class ProposalCacheError(ValueError):
     """A proposal cache that does not belong to the split it was asked for."""
+
+
+class DamagedProposalCacheError(ProposalCacheError):
+    """A proposal cache file that cannot be read back (truncated, not an .npz, missing arrays)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +75,7 @@ class ProposalConfig:
     resize_max_side: int = 500  # shrink images so the longer side is at most this before segmenting
     min_side: float = 4.0  # drop boxes with a side under this many pixels (original image)
     max_proposals: int = 2000  # keep at most this many per image, in selective search's order
+    seed: int = 0  # with the image id, seeds the random rank that orders selective search's boxes
 
     def __post_init__(self):
         if self.mode not in ("fast", "quality"):
@@ -91,13 +118,55 @@ class ProposalSet:
             "recall_iou70": hits[0.7] / max(total, 1),
         }
 
+    def sha1(self) -> str:
+        """SHA-1 (40 hex digits) of the image ids and their boxes, for results.json: equal hashes
+        mean equal proposals. Timings are left out (they differ on every run).
 
-def selective_search(image: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
-    """Selective-search boxes of one image.
+        Each image adds its id's UTF-8 bytes, a NUL, its box count as a little-endian int64 and its
+        boxes as little-endian float32 in row order, so the hash does not depend on the machine's
+        byte order and no two different sets hash the same bytes.
+        """
+        digest = hashlib.sha1()
+        for image_id, boxes in zip(self.image_ids, self.boxes, strict=True):
+            data = np.ascontiguousarray(boxes, dtype="<f4").reshape(-1, 4)
+            digest.update(image_id.encode() + b"\0")
+            digest.update(np.array(len(data), dtype="<i8").tobytes())
+            digest.update(data.tobytes())
+        return digest.hexdigest()
+
+
+def image_seed(seed: int, image_id: str) -> int:
+    """The C ``srand`` seed of one image: CRC-32 of ``"<seed>:<image_id>"``, in [0, 2**32).
+
+    A stable hash (Python's hash() of a str changes from process to process), and a different one
+    per image so that images do not all share the same sequence of ranks.
+    """
+    return zlib.crc32(f"{seed}:{image_id}".encode())
+
+
+@functools.cache
+def _c_srand() -> Callable[[int], None]:
+    """The C library's srand, the one whose rand() OpenCV's selective search calls."""
+    # dlopen(NULL) searches the symbols already loaded into the process, where OpenCV's rand()
+    # binds too (the opencv-python wheels link the system's libc); on Windows the CRT is ucrtbase.
+    candidates = [None, ctypes.util.find_library("c")] if os.name == "posix" else ["ucrtbase"]
+    for name in candidates:
+        try:
+            srand = ctypes.CDLL(name).srand
+        except (OSError, AttributeError, TypeError):
+            continue
+        srand.argtypes, srand.restype = [ctypes.c_uint], None
+        return srand
+    raise OSError("cannot find the C library's srand: selective search cannot be seeded here")
+
+
+def selective_search(image: np.ndarray, cfg: ProposalConfig, image_id: str = "") -> np.ndarray:
+    """Selective-search boxes of one image, the same on every call for the same image, id and cfg.
 
     Args:
         image: RGB uint8 (H, W, 3).
         cfg: the settings.
+        image_id: the image's id; with cfg.seed it seeds the random rank of the boxes.
 
     Returns:
         float32 (R, 4) xyxy boxes in the image's pixels, R <= cfg.max_proposals, no duplicates,
@@ -120,6 +189,11 @@ def selective_search(image: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
         ss.switchToSelectiveSearchFast()
     else:
         ss.switchToSelectiveSearchQuality()
+    # process() ranks regions by rand() * level; the C library's generator is global to the process,
+    # so it is seeded here, right before, from this image alone. (cv2.setRNGSeed, OpenCV's own
+    # generator, does not change the result: checked.) rand() is shared by every thread of the
+    # process, so two threads must not run this at once; compute() uses processes.
+    _c_srand()(image_seed(cfg.seed, image_id))
     rects = torch.from_numpy(ss.process().astype(np.float32).reshape(-1, 4))  # (x, y, w, h), small
     boxes = torch.cat((rects[:, :2], rects[:, :2] + rects[:, 2:]), dim=1) / scale
     boxes = clip_boxes(torch.round(boxes * 100) / 100, (h, w))
@@ -127,13 +201,83 @@ def selective_search(image: np.ndarray, cfg: ProposalConfig) -> np.ndarray:
     return boxes[unique_boxes(boxes)][: cfg.max_proposals].numpy()
 
 
-def _worker(args: tuple[str, ProposalConfig]) -> tuple[np.ndarray, float]:
-    path, cfg = args
+def _init_worker(parent_pid: int) -> None:
+    """Pool initializer: tie the worker's life to the parent's, and leave Ctrl-C to the parent."""
+    # Ctrl-C reaches the whole process group; the parent stops the pool itself (compute()), and
+    # interrupted workers would only add tracebacks (or send KeyboardInterrupt back as a result).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        # Killed parents (SIGKILL, OOM killer) run no clean-up, and a worker blocked on the task
+        # queue would then wait forever, since it holds that queue's write end itself: have the
+        # kernel kill the worker when the thread that started it exits. compute() starts the
+        # workers from its calling thread and shuts the pool down before returning.
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed in a proposal worker")
+    # A parent that died before prctl took effect has left us to init already: no signal will come.
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _worker(args: tuple[str, str, ProposalConfig]) -> tuple[np.ndarray, float]:
+    """Selective search on one image file: (float32 (R, 4) boxes, seconds it took).
+
+    Raises:
+        DatasetError: for any failure, naming the file (a picklable, one-line error, so that it
+            reaches the parent of a worker process intact).
+    """
+    path, image_id, cfg = args
     cv2.setNumThreads(1)
-    image = read_image(path)
-    start = time.perf_counter()
-    boxes = selective_search(image, cfg)
+    try:
+        image = read_image(path)
+        start = time.perf_counter()
+        boxes = selective_search(image, cfg, image_id)
+    except DatasetError:
+        raise
+    except Exception as err:  # cv2.error and others: multi-line messages, maybe not picklable
+        problem = " ".join(str(err).split())
+        raise DatasetError(
+            path, f"selective search failed ({type(err).__name__}: {problem})"
+        ) from None
     return boxes, time.perf_counter() - start
+
+
+def _run_pool(jobs: list[tuple[str, str, ProposalConfig]], workers: int, desc: str) -> list:
+    """``[_worker(job) for job in jobs]`` in ``workers`` spawned processes, in order."""
+    # spawn, not fork: a forked child inherits OpenCV's and torch's thread pools mid-state and can
+    # deadlock. (A script calling this needs the usual `if __name__ == "__main__":` guard.)
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)
+    )
+    results = []
+    try:
+        # One future per image (not map's chunks): a failure is then tied to one image's file.
+        futures = [pool.submit(_worker, job) for job in jobs]
+        for job, future in zip(jobs, tqdm(futures, desc=desc, unit="img"), strict=True):
+            try:
+                results.append(future.result())
+            except BrokenProcessPool:
+                # A worker died without an exception (crash, out of memory, killed); futures are
+                # read in order, so this image was in progress or queued next.
+                raise DatasetError(
+                    job[0],
+                    "a proposal worker process died while this image (or one started with it) was "
+                    "being segmented; rerun with 1 worker to see which image fails",
+                ) from None
+    except KeyboardInterrupt:
+        # Stop now: drop the queued images, and kill the running ones rather than wait for them
+        # (the interpreter would otherwise wait for them at exit). shutdown() forgets the processes.
+        running = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in running:
+            process.terminate()
+        raise
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)  # only the images already started remain
+        raise
+    pool.shutdown(wait=True)
+    return results
 
 
 def cache_path(cache_dir: str | Path, dataset: VOCDataset, cfg: ProposalConfig) -> Path:
@@ -167,14 +311,39 @@ def save(path: Path, props: ProposalSet, dataset: VOCDataset, cfg: ProposalConfi
 
 
 def load(path: Path, dataset: VOCDataset) -> ProposalSet:
-    """Read a cache file and check that it was computed for exactly this split's images."""
+    """Read a cache file and check that it was computed for exactly this split's images.
+
+    Raises:
+        DamagedProposalCacheError: the file cannot be read back (truncated, not an .npz, arrays
+            missing or of inconsistent sizes).
+        ProposalCacheError: a readable cache of other images or annotations.
+    """
     try:
         with np.load(path, allow_pickle=False) as f:
             boxes, counts, seconds = f["boxes"], f["counts"], f["seconds"]
             image_ids = [str(i) for i in f["image_ids"]]
             meta = json.loads(str(f["meta"]))
-    except (OSError, KeyError, ValueError) as err:
-        raise ProposalCacheError(f"{path}: unreadable proposal cache ({err}); delete it") from None
+    # What a truncated or overwritten .npz raises, depending on where it was cut: BadZipFile (no
+    # zip directory), EOFError and ValueError (short or garbled array header or data), KeyError
+    # (an array missing), OSError (unreadable); JSONDecodeError is a ValueError.
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as err:
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        raise DamagedProposalCacheError(f"{path}: damaged proposal cache ({reason})") from None
+    if (
+        boxes.ndim != 2
+        or boxes.shape[1] != 4
+        or counts.ndim != 1
+        or len(counts) != len(image_ids)
+        or len(seconds) != len(image_ids)
+        or (counts < 0).any()
+        or int(counts.sum()) != len(boxes)
+    ):
+        raise DamagedProposalCacheError(
+            f"{path}: damaged proposal cache (array sizes disagree: {len(boxes)} boxes, "
+            f"{len(counts)} counts, {len(seconds)} timings, {len(image_ids)} image ids)"
+        )
+    if not isinstance(meta, dict):
+        raise DamagedProposalCacheError(f"{path}: damaged proposal cache (meta is not a mapping)")
     if image_ids != list(dataset.image_ids):
         raise ProposalCacheError(
             f"{path}: proposal cache was computed for split {meta.get('split')!r} "
@@ -187,20 +356,22 @@ def load(path: Path, dataset: VOCDataset) -> ProposalSet:
 
 
 def compute(dataset: VOCDataset, cfg: ProposalConfig, workers: int = 1) -> ProposalSet:
-    """Run selective search on every image of a split, in ``workers`` processes, with a progress bar."""
-    jobs = [(str(dataset.image_path(i)), cfg) for i in dataset.image_ids]
+    """Run selective search on every image of a split, in ``workers`` processes, with a progress bar.
+
+    The boxes do not depend on ``workers`` (each image is seeded on its own).
+
+    Raises:
+        DatasetError: an image that is missing, cannot be decoded or yields no box, or whose worker
+            failed; one line naming the file.
+        KeyboardInterrupt: re-raised after the queued images are dropped and the workers stopped.
+    """
+    jobs = [(str(dataset.image_path(i)), i, cfg) for i in dataset.image_ids]
     desc = f"proposals {dataset.name}/{dataset.split}"
     if workers <= 1:
         results = [_worker(job) for job in tqdm(jobs, desc=desc, unit="img")]
     else:
-        # spawn, not fork: a forked child inherits OpenCV's and torch's thread pools mid-state and can
-        # deadlock. (A script calling this needs the usual `if __name__ == "__main__":` guard.)
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            results = list(
-                tqdm(pool.map(_worker, jobs, chunksize=4), total=len(jobs), desc=desc, unit="img")
-            )
-    for (path, _), (boxes, _) in zip(jobs, results, strict=True):
+        results = _run_pool(jobs, workers, desc)
+    for (path, _, _), (boxes, _) in zip(jobs, results, strict=True):
         if len(boxes) == 0:
             raise DatasetError(path, "selective search found no box (blank image?)")
     return ProposalSet(
@@ -213,14 +384,26 @@ def compute(dataset: VOCDataset, cfg: ProposalConfig, workers: int = 1) -> Propo
 def load_or_compute(
     dataset: VOCDataset, cfg: ProposalConfig, cache_dir: str | Path, workers: int = 1
 ) -> tuple[ProposalSet, bool]:
-    """The split's proposals from the cache, computing and caching them when absent.
+    """The split's proposals from the cache, computing and caching them when absent or damaged.
+
+    A damaged cache file (see :func:`load`) is reported in one line on stderr, deleted and
+    recomputed; a readable cache of other images is still an error.
 
     Returns:
         (proposals, True when they came from the cache).
+
+    Raises:
+        ProposalCacheError: the cache file holds other images or annotations.
     """
     path = cache_path(cache_dir, dataset, cfg)
     if path.is_file():
-        return load(path, dataset), True
+        try:
+            return load(path, dataset), True
+        except DamagedProposalCacheError as err:
+            # The key (dataset fingerprint and settings) is in the file name, so a damaged file
+            # there can only be a write cut short or a copy gone wrong: nothing worth keeping.
+            print(f"[rcnn-bench] {err}; deleting it and recomputing", file=sys.stderr, flush=True)
+            path.unlink(missing_ok=True)
     props = compute(dataset, cfg, workers)
     save(path, props, dataset, cfg)
     return props, False
