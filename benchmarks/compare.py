@@ -65,6 +65,7 @@ class Side:
         config: the config name it belongs to.
         machine: what identifies its machine (None for a baseline from elsewhere).
         latency: runs only: {pipeline: {image id: ms}}.
+        busy: runs only: the run warned that other processes were busy while it timed.
     """
 
     source: str
@@ -73,6 +74,7 @@ class Side:
     config: str | None
     machine: tuple | None = None
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
+    busy: bool = False  # other processes were busy while it was timed
 
 
 def metric_kind(metric: str) -> str:
@@ -142,6 +144,7 @@ def load_side(path: str | Path) -> Side:
         results["config"].get("name"),
         _machine(results["env"]),
         latency,
+        bool(results["timing"].get("load", {}).get("busy")),
     )
 
 
@@ -259,6 +262,9 @@ def compare(a_path: str | Path, b_path: str | Path, markdown: bool = False) -> i
     print(format_rows(rows, markdown))
     if a.kind == b.kind == "run" and a.machine != b.machine:
         print("note: the runs come from different machines: latency is not compared")
+    for side in (a, b):
+        if side.busy:
+            print(f"warning: {side.source} was timed on a busy machine: its times are not figures")
     failed = [r["metric"] for r in rows if r["verdict"] in FAILING]
     print(f"regression in {', '.join(failed)}" if failed else "no regression")
     return 1 if failed else 0

@@ -95,6 +95,44 @@ def _fig_latency(results: dict, out: Path) -> str:
     return _save(fig, out, "latency")
 
 
+def _fig_speedup_spread(results: dict, out: Path) -> str | None:
+    """Per speedup pair, every timed image's ratio (the data's spread), with the paired geometric
+    mean and its 95% interval (the figure's precision) drawn over it."""
+    pipes = results["pipelines"]
+    pairs = list(results["speedup"].values())
+    if not pairs:
+        return None
+    fig, ax = plt.subplots(figsize=(WIDTH, 1.2 + 0.7 * len(pairs)))
+    for k, s in enumerate(pairs):
+        b = np.array(pipes[s["baseline"]]["inference"]["samples_ms"])
+        c = np.array(pipes[s["candidate"]]["inference"]["samples_ms"])
+        ratios = b / c
+        jitter = np.random.default_rng(k).uniform(-0.15, 0.15, len(ratios))
+        ax.scatter(ratios, np.full(len(ratios), k) + jitter, s=10, alpha=0.6, color="gray")
+        paired = s["inference"].get("paired")
+        if paired:
+            lo, hi = paired["ci95"]
+            ax.errorbar(
+                paired["geomean"],
+                k,
+                xerr=[[paired["geomean"] - lo], [hi - paired["geomean"]]],
+                fmt="D",
+                color="black",
+                capsize=4,
+                label="geometric mean, 95% CI" if k == 0 else None,
+            )
+    labels = [
+        f"{pipes[s['candidate']]['label']} over {pipes[s['baseline']]['label']}" for s in pairs
+    ]
+    ax.set_yticks(range(len(pairs)), labels)
+    ax.set_xscale("log")
+    _log_axis(ax.xaxis)
+    ax.set_xlabel("per-image speedup (baseline ms / candidate ms), log scale")
+    ax.set_title("Speedup image by image: the spread is the data's, the interval the figure's")
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, out, "speedup_spread")
+
+
 def _fig_sweep(results: dict, out: Path) -> str:
     sweep = results["sweep"]
     colours = _colours(results)
@@ -272,6 +310,7 @@ def _figures(results: dict, history: list[dict], out: Path) -> list[dict]:
     figures = [
         ("Inference time by stage", _fig_stages(results, out)),
         ("Latency distribution", _fig_latency(results, out)),
+        ("Speedup image by image", _fig_speedup_spread(results, out)),
         ("Inference time against proposals per image", _fig_sweep(results, out)),
         ("Per-class AP", _fig_ap(results, out)),
         ("Precision-recall curves", _fig_pr(results, out)),

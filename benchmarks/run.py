@@ -348,6 +348,7 @@ def _proposal_record(cfg: RunConfig, splits: Splits, proposals: dict | None) -> 
         **record,
         **proposals[splits.test.split].stats(splits.test),
         "train_seconds_per_image": float(np.mean(proposals[splits.train.split].seconds)),
+        "sha1": {split: p.sha1() for split, p in proposals.items()},
     }
 
 

@@ -166,7 +166,8 @@ def selective_search(image: np.ndarray, cfg: ProposalConfig, image_id: str = "")
     Args:
         image: RGB uint8 (H, W, 3).
         cfg: the settings.
-        image_id: the image's id; with cfg.seed it seeds the random rank of the boxes.
+        image_id: names the image (the harness passes its file name's stem); with cfg.seed it seeds
+            the random rank of the boxes.
 
     Returns:
         float32 (R, 4) xyxy boxes in the image's pixels, R <= cfg.max_proposals, no duplicates,
@@ -365,7 +366,9 @@ def compute(dataset: VOCDataset, cfg: ProposalConfig, workers: int = 1) -> Propo
             failed; one line naming the file.
         KeyboardInterrupt: re-raised after the queued images are dropped and the workers stopped.
     """
-    jobs = [(str(dataset.image_path(i)), i, cfg) for i in dataset.image_ids]
+    # The seed key is the image file's name, not the split's id, so that the same image gets the same
+    # proposals whatever format its data set is in (a COCO id is a number, a VOC id the file stem).
+    jobs = [(str(path), path.stem, cfg) for path in map(dataset.image_path, dataset.image_ids)]
     desc = f"proposals {dataset.name}/{dataset.split}"
     if workers <= 1:
         results = [_worker(job) for job in tqdm(jobs, desc=desc, unit="img")]

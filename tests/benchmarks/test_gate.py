@@ -1,0 +1,72 @@
+"""The regression gate proves itself: an injected 10% slowdown of one pipeline fails `compare`, and an
+A/A pair of runs passes it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from benchmarks.compare import compare
+from benchmarks.config import load_config
+from benchmarks.results import read_results
+from benchmarks.run import run
+from pipelines.fast_rcnn import FastRCNN
+from tests.benchmarks.test_run import tiny_overrides
+
+
+def _overrides(tmp_path, name):
+    data = "{seed: 2, train_images: 5, test_images: 13, min_size: [64, 80], max_size: [72, 96]}"
+    return [
+        *tiny_overrides(tmp_path),
+        f"data.synthetic={data}",
+        f"output_dir={tmp_path / name}",
+        "bench.repeats=5",
+        "threads=1",  # no thread oversubscription if something else runs beside the tests
+    ]
+
+
+def slower(factor: float):
+    """A wrapper for a ``_detect`` method that spins until it has taken ``factor`` times as long."""
+
+    def wrap(method):
+        def slow(self, *args, **kwargs):
+            start = time.perf_counter()
+            out = method(self, *args, **kwargs)
+            until = start + factor * (time.perf_counter() - start)
+            while time.perf_counter() < until:
+                pass
+            return out
+
+        return slow
+
+    return wrap
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gate")
+    a = run(load_config("benchmarks/configs/ci.yaml", _overrides(tmp, "a")))
+    patch = pytest.MonkeyPatch()
+    patch.setattr(FastRCNN, "_detect", slower(1.10)(FastRCNN._detect))
+    try:
+        b = run(load_config("benchmarks/configs/ci.yaml", _overrides(tmp, "b")))
+    finally:
+        patch.undo()
+    c = run(load_config("benchmarks/configs/ci.yaml", _overrides(tmp, "c")))
+    return a, b, c
+
+
+def test_a_10_percent_slowdown_of_one_pipeline_fails(runs, capsys):
+    a, b, _ = runs
+    assert compare(a, b) == 1
+    out = capsys.readouterr().out
+    failed = out.split("regression in")[-1]
+    assert "latency_ms[fast_rcnn]" in failed and "latency_ms[rcnn]" not in failed
+
+
+def test_an_a_a_pair_passes(runs, capsys):
+    a, _, c = runs
+    if any(read_results(r)["timing"]["load"]["busy"] for r in (a, c)):
+        pytest.skip("other processes were busy during the A/A runs: their times are not figures")
+    assert compare(a, c) == 0, capsys.readouterr().out
