@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from benchmarks.config import RunConfig
 from datasets.coco import COCODataset
@@ -17,6 +16,7 @@ from datasets.loaders import open_splits
 from datasets.synthetic import generate
 from datasets.voc import VOCDataset
 from pipelines.detector import TrainData
+from pipelines.progress import progress
 from pipelines.proposals import ProposalSet, load_or_compute
 
 __all__ = [
@@ -127,7 +127,7 @@ def shared_proposals(cfg: RunConfig, splits: Splits) -> dict[str, ProposalSet]:
 
 def _images(ds: VOCDataset | COCODataset) -> list[np.ndarray]:
     desc = f"loading {ds.name}/{ds.split}"
-    return [ds.load_image(i) for i in tqdm(range(len(ds)), desc=desc, unit="img", delay=2)]
+    return [ds.load_image(i) for i in progress(range(len(ds)), desc, "img")]
 
 
 def load_train_set(splits: Splits, proposals: dict[str, ProposalSet] | None) -> TrainData:

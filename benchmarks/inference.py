@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
-from tqdm import tqdm
 
 from benchmarks.config import BenchConfig
 from benchmarks.data import TestSet
 from benchmarks.memory import allocation_peak
 from pipelines.detector import Detections, Detector
+from pipelines.progress import progress
 from pipelines.timing import StageTimer, synchronize
 
 __all__ = [
@@ -142,7 +142,7 @@ def time_pass(
     timed = set(plan.timed)
     out = {name: PassResult() for name in detectors}
     indices = range(len(test.images)) if images is None else images
-    for step, i in enumerate(tqdm(indices, desc=desc, unit="img", delay=2)):
+    for step, i in enumerate(progress(indices, desc, "img")):
         for name, det in order if step % 2 == 0 else order[::-1]:
             repeats = plan.repeats if i in timed else 1
             run = _median_run(det, test.images[i], boxes_for(name, i), device, variant, repeats)

@@ -25,6 +25,7 @@ from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 from benchmarks import tables
 from benchmarks.results import history_line, read_results
 from datasets.voc import read_image
+from pipelines.progress import progress
 
 __all__ = ["render"]
 
@@ -307,20 +308,24 @@ def _history(runs: list[Path], results: list[dict]) -> list[dict]:
 
 
 def _figures(results: dict, history: list[dict], out: Path) -> list[dict]:
-    figures = [
-        ("Inference time by stage", _fig_stages(results, out)),
-        ("Latency distribution", _fig_latency(results, out)),
-        ("Speedup image by image", _fig_speedup_spread(results, out)),
-        ("Inference time against proposals per image", _fig_sweep(results, out)),
-        ("Per-class AP", _fig_ap(results, out)),
-        ("Precision-recall curves", _fig_pr(results, out)),
-        ("Detections on test images", _fig_examples(results, out)),
-        ("Trend across runs", _fig_trend(results, history, out)),
+    drawers = [
+        ("Inference time by stage", lambda: _fig_stages(results, out)),
+        ("Latency distribution", lambda: _fig_latency(results, out)),
+        ("Speedup image by image", lambda: _fig_speedup_spread(results, out)),
+        ("Inference time against proposals per image", lambda: _fig_sweep(results, out)),
+        ("Per-class AP", lambda: _fig_ap(results, out)),
+        ("Precision-recall curves", lambda: _fig_pr(results, out)),
+        ("Detections on test images", lambda: _fig_examples(results, out)),
+        ("Trend across runs", lambda: _fig_trend(results, history, out)),
     ]
-    figures = [{"title": t, "path": p} for t, p in figures if p]
-    for fig in figures:
-        data = base64.b64encode((out / fig["path"]).read_bytes()).decode()
-        fig["data_uri"] = "data:image/png;base64," + data
+    figures = []
+    for title, draw in progress(drawers, "report figures", "fig"):
+        path = draw()
+        if path:
+            data = base64.b64encode((out / path).read_bytes()).decode()
+            figures.append(
+                {"title": title, "path": path, "data_uri": "data:image/png;base64," + data}
+            )
     return figures
 
 

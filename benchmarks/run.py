@@ -51,6 +51,7 @@ from datasets.describe import describe
 from pipelines import registry
 from pipelines.backbones import Backbone, build_backbone, clone
 from pipelines.detector import Detector, TrainData
+from pipelines.progress import progress
 from pipelines.proposals import ProposalSet
 from pipelines.timing import StageTimer
 
@@ -75,7 +76,7 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path:
     main = time_pass(detectors, test, _boxes_for(detectors, test), plan, device)
     variants = time_variants(detectors, test, plan, device)
     sweep = proposal_sweep(detectors, test, plan, cfg.bench, device)
-    costs = {n: _costs(det, test, plan, device) for n, det in detectors.items()}
+    costs = {n: _costs(detectors[n], test, plan, device) for n in progress(detectors, "FLOPs")}
     records = pipeline_records(detectors, training, main, variants, costs, splits, proposals)
     speedups = compute_speedups(records, cfg)
     results = assemble(cfg, config_path, device, splits, proposals, plan, backbone, records)

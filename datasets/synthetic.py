@@ -16,6 +16,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from datasets.voc import Annotation, write_annotation
 
@@ -181,7 +182,7 @@ def generate(out: str | Path, cfg: SyntheticConfig) -> dict[str, list[Annotation
     written: dict[str, list[Annotation]] = {}
     for split, count in (("trainval", cfg.train_images), ("test", cfg.test_images)):
         anns = []
-        for i in range(count):
+        for i in tqdm(range(count), desc=f"synthetic {split}", unit="img", disable=None, delay=1.0):
             image_id = f"{split}_{i:05d}"
             pixels, ann = _draw_image(rng, image_id, cfg)
             cv2.imwrite(

@@ -39,10 +39,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from datasets.voc import DatasetError, VOCDataset, read_image
 from pipelines.boxes import box_iou, clip_boxes, min_side_keep, unique_boxes
+from pipelines.progress import progress
 
 __all__ = [
     "DamagedProposalCacheError",
@@ -255,7 +255,7 @@ def _run_pool(jobs: list[tuple[str, str, ProposalConfig]], workers: int, desc: s
     try:
         # One future per image (not map's chunks): a failure is then tied to one image's file.
         futures = [pool.submit(_worker, job) for job in jobs]
-        for job, future in zip(jobs, tqdm(futures, desc=desc, unit="img"), strict=True):
+        for job, future in zip(jobs, progress(futures, desc, "img"), strict=True):
             try:
                 results.append(future.result())
             except BrokenProcessPool:
@@ -371,7 +371,7 @@ def compute(dataset: VOCDataset, cfg: ProposalConfig, workers: int = 1) -> Propo
     jobs = [(str(path), path.stem, cfg) for path in map(dataset.image_path, dataset.image_ids)]
     desc = f"proposals {dataset.name}/{dataset.split}"
     if workers <= 1:
-        results = [_worker(job) for job in tqdm(jobs, desc=desc, unit="img")]
+        results = [_worker(job) for job in progress(jobs, desc, "img")]
     else:
         results = _run_pool(jobs, workers, desc)
     for (path, _, _), (boxes, _) in zip(jobs, results, strict=True):

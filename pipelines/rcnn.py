@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from pipelines.bbox_regression import BoxRegressors, fit_box_regressors, regression_examples
 from pipelines.detector import Detections, Detector, TrainData, candidates, normalize_image, select
+from pipelines.progress import progress
 from pipelines.registry import BuildContext, PaperFigures, register
 from pipelines.sampling import Matches, match, sample_fg_bg, with_ground_truth
 from pipelines.svm import SVMConfig, negative_mask, train_svms
@@ -254,7 +254,7 @@ class RCNN(Detector):
         )
         examples, reg_feats, neg_masks = [], [], []
         norm7 = norm5 = 0.0
-        for i in tqdm(range(len(rois)), desc="rcnn features", unit="img", mininterval=1.0):
+        for i in progress(range(len(rois)), "rcnn features", "img"):
             image = normalize_image(torch.from_numpy(data.images[i]).to(self.device))
             fc7, pool5 = self._features(image, rois[i].to(self.device), StageTimer(self.device))
             fc7, pool5 = fc7.cpu(), pool5.cpu()

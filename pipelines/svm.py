@@ -24,6 +24,7 @@ from sklearn.svm import LinearSVC
 from torch import Tensor
 
 from pipelines.boxes import box_iou
+from pipelines.progress import progress
 
 __all__ = ["ClassRecord", "SVMConfig", "negative_mask", "train_svms"]
 
@@ -127,7 +128,7 @@ def train_svms(
     caches: list[np.ndarray | None] = [None] * k
     added_since = np.zeros(k, dtype=np.int64)
     active = [len(p) > 0 for p in positives]
-    for i in range(len(images)):
+    for i in progress(range(len(images)), "svm hard-negative mining", "img"):
         feats, neg_mask = images[i]
         first, last = i == 0, i == len(images) - 1
         scores = feats @ weights + biases  # (R, K)

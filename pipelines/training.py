@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
+
+from pipelines.progress import progress
 
 __all__ = ["SolverConfig", "run_sgd"]
 
@@ -61,7 +62,7 @@ def run_sgd(
         list(params), lr=solver.lr, momentum=solver.momentum, weight_decay=solver.weight_decay
     )
     losses: list[float] = []
-    bar = tqdm(range(solver.iters), desc=desc, unit="it", mininterval=1.0)
+    bar = progress(range(solver.iters), desc, "it")
     for it in bar:
         lr = solver.lr * (0.1 ** (it // solver.lr_step) if solver.lr_step else 1.0)
         if it < solver.warmup_iters:
