@@ -235,8 +235,11 @@ def load_config(
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{source}: config file is missing")
+        text = p.read_text()
+        if not text.strip():
+            raise ConfigError(f"{source}: config file is empty (a config needs at least a name)")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             line = f" at line {mark.line + 1}" if mark else ""

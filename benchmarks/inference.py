@@ -79,15 +79,21 @@ def plan_timing(bench: BenchConfig, n_test: int) -> TimingPlan:
     Raises:
         ValueError: no image is left to time after the warm-up.
     """
-    warmup = tuple(range(min(bench.warmup_images, n_test)))
-    timed = tuple(range(len(warmup), n_test))
-    if bench.timed_images:
-        timed = timed[: bench.timed_images]
-    if not timed:
+    if bench.warmup_images >= n_test:
         raise ValueError(
             f"bench.warmup_images: {bench.warmup_images} warm-up images leave none of the "
             f"{n_test} test images to time; lower it"
         )
+    warmup = tuple(range(bench.warmup_images))
+    timed = tuple(range(len(warmup), n_test))
+    if bench.timed_images > len(timed):
+        raise ValueError(
+            f"bench.timed_images: {bench.timed_images} asked for, but the test split has "
+            f"{n_test} images of which {bench.warmup_images} warm up; set it to at most "
+            f"{len(timed)} (0: all)"
+        )
+    if bench.timed_images:
+        timed = timed[: bench.timed_images]
     return TimingPlan(warmup, timed, bench.repeats)
 
 

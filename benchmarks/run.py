@@ -44,6 +44,7 @@ from benchmarks.inference import (
     time_pass,
 )
 from benchmarks.memory import PeakMemory
+from benchmarks.preflight import check_disk, check_output, check_splits, clean_leftovers
 from benchmarks.report import render
 from benchmarks.results import SCHEMA_VERSION, append_history, validate, write_json
 from benchmarks.stats import bootstrap_ratio, paired_ratio, summarize
@@ -62,16 +63,20 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path:
     """One benchmark run. Returns the run folder (results.json inside)."""
     started = time.perf_counter()
     device = setup(cfg)
+    check_output(cfg)
+    clean_leftovers(cfg)
     splits = load_splits(cfg)
+    check_splits(splits)
+    plan = plan_timing(cfg.bench, len(splits.test))
     classes = [registry.get(name) for name in cfg.pipelines]
+    backbone = build_backbone(cfg.backbone)
+    check_disk(cfg, splits, classes, backbone)
     proposals = None
     if not all(cls.owns_proposals for cls in classes):
         proposals = shared_proposals(cfg, splits)
-    backbone = build_backbone(cfg.backbone)
     detectors = build_pipelines(cfg, backbone, splits.train.num_classes, device)
     training = train_pipelines(detectors, load_train_set(splits, proposals), device, cfg.seed)
     test = load_test_set(splits, proposals, device)
-    plan = plan_timing(cfg.bench, len(test.images))
     load_before = machine_load()
     main = time_pass(detectors, test, _boxes_for(detectors, test), plan, device)
     variants = time_variants(detectors, test, plan, device)
@@ -392,7 +397,7 @@ def write_run_folder(results: dict, cfg: RunConfig) -> Path:
     results["run_id"] = _run_id(cfg.name)
     validate(results)
     run_dir = out / results["run_id"]
-    tmp = out / f".{results['run_id']}.tmp"
+    tmp = out / f".{results['run_id']}.tmp-{os.getpid()}"  # a later run removes it if we die
     tmp.mkdir()
     (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     write_json(tmp / "results.json", results)

@@ -91,14 +91,25 @@ class Annotation:
     difficult: np.ndarray
 
 
+_JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"
+_JPEG_TAIL = 4096  # where the end-of-image marker must be: within this many bytes of the end
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as RGB uint8 (H, W, 3); DatasetError when missing or undecodable."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(path, "image file is missing")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    data = path.read_bytes()
+    if not data:
+        raise DatasetError(path, "image file is empty (0 bytes)")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise DatasetError(path, "image cannot be decoded (corrupt or not an image)")
+    # OpenCV decodes a cut-off JPEG with a grey bottom and only a warning: a whole JPEG ends with
+    # its end-of-image marker FF D9 (some writers append a little after it).
+    if data[:2] == _JPEG_START and _JPEG_END not in data[-_JPEG_TAIL:]:
+        raise DatasetError(path, "JPEG file is truncated (no end-of-image marker); re-copy it")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -250,6 +261,15 @@ class VOCDataset:
         ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
         if not ids:
             raise DatasetError(split_file, "split file lists no images")
+        seen: dict[str, int] = {}
+        for line, image_id in enumerate(ids, start=1):
+            if image_id in seen:
+                raise DatasetError(
+                    split_file,
+                    f"image id {image_id!r} is listed twice (entries {seen[image_id]} and {line}); "
+                    "each image may appear once",
+                )
+            seen[image_id] = line
         self.image_ids = ids[:limit] if limit else ids
         self.classes = self._classes(ids, None if classes is None else tuple(classes))
         self.annotations = [parse_annotation(self._xml(i), self.classes) for i in self.image_ids]

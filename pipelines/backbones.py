@@ -145,8 +145,16 @@ def load_weights(backbone: Backbone, path: str | Path) -> None:
         raise ValueError(f"{path}: backbone weights file is missing")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a bad file
-        raise ValueError(f"{path}: cannot read backbone weights ({err})") from None
+    except Exception as err:  # torch raises several types for a bad file, with long messages
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{path}: cannot read backbone weights: not a torch state dict, or a truncated one "
+            f"({first[:120]})"
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"{path}: backbone weights file holds a {type(state).__name__}, not a state dict"
+        )
     if any(k.startswith("features.") for k in state):
         renamed = {}
         for key, value in state.items():

@@ -102,6 +102,12 @@ class Detector(abc.ABC):
         self.num_classes = context.num_classes
         self.device = context.device
 
+    @classmethod
+    def cache_bytes(cls, cfg: Any, train_images: int, regions_per_image: int, backbone: Any) -> int:
+        """An upper estimate of the disk its training caches take (0: it keeps none), so that a run
+        can refuse before it starts when they will not fit."""
+        return 0
+
     @abc.abstractmethod
     def fit(self, data: TrainData, timer: StageTimer) -> dict:
         """Train on ``data``; returns facts to record (counts, sizes), stage times go to ``timer``."""

@@ -14,6 +14,7 @@ ridge box regressors.
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipelines.backbones import Backbone
 from pipelines.bbox_regression import BoxRegressors, fit_box_regressors, regression_examples
 from pipelines.detector import Detections, Detector, TrainData, candidates, normalize_image, select
 from pipelines.progress import progress
@@ -142,6 +144,19 @@ class RCNN(Detector):
         self.pool5_scale = 1.0
         self.regressors: BoxRegressors | None = None
 
+    # Box-regression examples (IoU > 0.6 with a ground-truth box) are a small share of the regions:
+    # the disk estimate allows this much of them.
+    REGRESSION_SHARE = 0.1
+
+    @classmethod
+    def cache_bytes(
+        cls, cfg: RCNNConfig, train_images: int, regions_per_image: int, backbone: Backbone
+    ) -> int:
+        """fc7 of every training region and pool5 of the box-regression examples, in float16."""
+        regions = train_images * regions_per_image
+        pool5 = backbone.channels * backbone.pool_size**2
+        return int(2 * regions * (backbone.fc_dim + cls.REGRESSION_SHARE * pool5))
+
     # -- the network on warped regions -----------------------------------------------------------
 
     def _pool5(self, regions: Tensor) -> Tensor:
@@ -180,7 +195,8 @@ class RCNN(Detector):
             matches.append(match(rois[i], gt_boxes, gt_labels, self.cfg.fg_iou))
         with timer.stage("finetune"):
             losses = self._finetune(data, rois, matches)
-        work = self.cache_dir / f"rcnn-features-{id(self):x}"
+        # The process id ends the name: a later run removes the folder if this process was killed.
+        work = self.cache_dir / f"rcnn-features-{id(self):x}-work-{os.getpid()}"
         try:
             with timer.stage("features"):
                 cache = self._cache_features(data, rois, gts, matches, work)
