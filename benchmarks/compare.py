@@ -26,6 +26,7 @@ import numpy as np
 from scipy import stats as sps
 
 from benchmarks.results import ResultsError, read_json, read_results, write_json
+from pipelines import registry
 
 __all__ = [
     "DEFAULT_TOLERANCES",
@@ -45,13 +46,16 @@ DEFAULT_TOLERANCES = {"speedup_inference": 0.07, "speedup_train": 0.35, "map": 0
 MIN_EFFECT = 0.05  # a latency change smaller than this is "same", however significant
 ALPHA = 0.01  # significance a latency change needs
 
-# Baseline files of schema 1 named the two pipelines' metrics without brackets.
-_V1_NAMES = {
-    "speedup_inference": "speedup_inference[fast_rcnn/rcnn]",
-    "speedup_train": "speedup_train[fast_rcnn/rcnn]",
-    "map_rcnn": "map[rcnn]",
-    "map_fast_rcnn": "map[fast_rcnn]",
-}
+
+def _schema1_names() -> dict[str, str]:
+    """Baseline files of schema 1 named the two pipelines' metrics without brackets."""
+    base, cand = registry.SCHEMA1_PIPELINES
+    pair = f"{cand}/{base}"
+    return {
+        "speedup_inference": f"speedup_inference[{pair}]",
+        "speedup_train": f"speedup_train[{pair}]",
+        **{f"map_{name}": f"map[{name}]" for name in (base, cand)},
+    }
 
 
 @dataclass
@@ -78,7 +82,7 @@ class Side:
 
 
 def metric_kind(metric: str) -> str:
-    """ "speedup_inference[fast_rcnn/rcnn]" -> "speedup_inference"."""
+    """ "speedup_inference[B/A]" -> "speedup_inference"."""
     return metric.split("[", 1)[0]
 
 
@@ -118,7 +122,8 @@ def read_baseline(path: str | Path) -> dict:
     for name, m in metrics.items():
         if not isinstance(m, dict) or not {"value", "tolerance"} <= set(m):
             raise ResultsError(f"{path}: metric {name!r} needs 'value' and 'tolerance'")
-    data["metrics"] = {_V1_NAMES.get(k, k): v for k, v in metrics.items()}
+    names = _schema1_names()
+    data["metrics"] = {names.get(k, k): v for k, v in metrics.items()}
     return data
 
 

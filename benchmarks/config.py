@@ -2,9 +2,9 @@
 
 A config file may hold any subset of the keys of :class:`RunConfig`; what it leaves out keeps its
 default. ``--set a.b=value`` overrides are parsed as YAML scalars
-(``--set pipelines.rcnn.solver.iters=50``). The ``pipelines:`` mapping names the pipelines to run, each
+(``--set pipelines.NAME.solver.iters=50``). The ``pipelines:`` mapping names the pipelines to run, each
 with its block, whose schema is the registered pipeline's own config class (pipelines.registry);
-``--set pipelines=rcnn,fast_rcnn`` runs a subset of the file's pipelines.
+``--set pipelines=NAME,NAME`` runs a subset of the file's pipelines.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class BenchConfig:
     example_images: int = 4  # test images whose top detections the report draws
     example_detections: int = 5  # detections kept per pipeline and example image
     seed: int = 0
-    baseline: str = "rcnn"  # speedups are this pipeline's time over each other pipeline's
+    baseline: str = registry.DEFAULT_BASELINE  # speedups: this pipeline's time over each other's
     pairs: tuple[tuple[str, str], ...] = ()  # more (baseline, candidate) speedups to report
     busy_share: float = 0.15  # warn when other processes used more of the CPU than this
     sweep_repeats: int = 1  # like repeats, for the sweep points

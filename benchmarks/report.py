@@ -25,6 +25,7 @@ from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 from benchmarks import tables
 from benchmarks.results import history_line, read_results
 from datasets.voc import read_image
+from pipelines import registry
 from pipelines.progress import progress
 
 __all__ = ["render"]
@@ -280,8 +281,9 @@ def _history_item(item: dict) -> dict:
     """A history line in the current shape (lines written by schema 1 held one speedup)."""
     if "speedup_inference" in item:
         item = dict(item)
+        base, cand = registry.SCHEMA1_PIPELINES
         item["speedup"] = {
-            "fast_rcnn/rcnn": {
+            f"{cand}/{base}": {
                 "inference": item.pop("speedup_inference"),
                 "inference_ci95": item.pop("speedup_inference_ci95"),
                 "train": item.pop("speedup_train"),

@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+from pipelines import registry
+
 __all__ = [
     "REQUIRED",
     "SCHEMA_VERSION",
@@ -107,12 +109,13 @@ def upgrade(results: dict, source: str = "results") -> dict:
         )
     out = copy.deepcopy(results)
     speedup = out.pop("speedup", {})
+    base, cand = registry.SCHEMA1_PIPELINES
     out["schema_version"] = SCHEMA_VERSION
     out["upgraded_from"] = 1
-    out["baseline"] = "rcnn"
-    out["speedup"] = {"fast_rcnn/rcnn": {"baseline": "rcnn", "candidate": "fast_rcnn", **speedup}}
+    out["baseline"] = base
+    out["speedup"] = {f"{cand}/{base}": {"baseline": base, "candidate": cand, **speedup}}
     for name, rec in out.get("pipelines", {}).items():
-        rec.setdefault("label", {"rcnn": "R-CNN", "fast_rcnn": "Fast R-CNN"}.get(name, name))
+        rec.setdefault("label", registry.get(name).label)
         if "feature_cache_bytes" in rec:
             rec.get("train", {}).get("info", {}).setdefault(
                 "feature_cache_bytes", rec.pop("feature_cache_bytes")

@@ -26,6 +26,12 @@ __all__ = ["BUILTIN_MODULES", "BuildContext", "PaperFigures", "get", "register",
 # The modules that define the built-in pipelines; importing them registers their classes.
 BUILTIN_MODULES = ("pipelines.rcnn", "pipelines.fast_rcnn")
 
+# The pipeline speedups are measured against unless a config says otherwise.
+DEFAULT_BASELINE = "rcnn"
+
+# results.json schema 1 held exactly these two pipelines, the first the baseline of its one speedup.
+SCHEMA1_PIPELINES = ("rcnn", "fast_rcnn")
+
 _REGISTRY: dict[str, type[Detector]] = {}
 
 

@@ -178,3 +178,22 @@ def test_report_renders_in_a_real_browser(tiny_run, tmp_path):
 
     pixels = mpimg.imread(shot)
     assert pixels.shape[0] >= 1000 and pixels[..., :3].std() > 0.05  # not a blank page
+
+
+def test_schema_1_results_are_read_and_reported(tiny_run, tmp_path):
+    """A results.json as schema 1 wrote it (two fixed pipelines, one speedup) is upgraded on read."""
+    v2 = json.loads((tiny_run / "results.json").read_text())
+    v1 = copy.deepcopy(v2)
+    v1["schema_version"] = 1
+    v1["speedup"] = v1["speedup"]["fast_rcnn/rcnn"]
+    del v1["baseline"]
+    for rec in v1["pipelines"].values():
+        del rec["label"]
+    old = tmp_path / "old"
+    old.mkdir()
+    write_json(old / "results.json", v1)
+    html, _ = render([old], old)
+    assert "Fast R-CNN over R-CNN" in html.read_text()
+    baseline = tmp_path / "b.json"
+    write_baseline([tiny_run], baseline)
+    assert compare(baseline, old) == 0
