@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.config import BenchConfig
 from benchmarks.data import TestSet
 from benchmarks.memory import allocation_peak
+from benchmarks.roofline import CostTimer
 from pipelines.detector import Detections, Detector
 from pipelines.progress import progress
 from pipelines.timing import StageTimer, synchronize
@@ -215,17 +215,20 @@ def _sweep_point(test: TestSet, i: int, n: int, seed: int, device: torch.device)
 
 def count_costs(
     det: Detector, image: Tensor, boxes: Tensor | None, device: torch.device
-) -> dict[str, int | str]:
-    """FLOPs of one detection (torch's FLOP counter) and the peak memory it holds.
+) -> dict[str, int | str | dict]:
+    """FLOPs (torch's FLOP counter) and estimated bytes moved of one detection, per stage and in
+    all, and the peak memory it holds.
 
     Returns:
-        {"flops", "peak_memory_bytes", "peak_memory_method"}.
+        {"flops", "stage_flops", "stage_bytes", "peak_memory_bytes", "peak_memory_method"}.
     """
-    with FlopCounterMode(display=False) as counter:
-        det.detect(image, boxes, StageTimer(device))
+    timer = CostTimer(device)
+    det.detect(image, boxes, timer)
     peak, method = allocation_peak(lambda: det.detect(image, boxes, StageTimer(device)), device)
     return {
-        "flops": int(counter.get_total_flops()),
+        "flops": sum(timer.flops.values()),
+        "stage_flops": timer.flops,
+        "stage_bytes": timer.bytes,
         "peak_memory_bytes": int(peak),
         "peak_memory_method": method,
     }

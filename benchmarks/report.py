@@ -135,6 +135,42 @@ def _fig_speedup_spread(results: dict, out: Path) -> str | None:
     return _save(fig, out, "speedup_spread")
 
 
+def _fig_roofline(results: dict, out: Path) -> str | None:
+    """Each FLOP-carrying stage of each pipeline at its arithmetic intensity and achieved rate,
+    under the machine's two ceilings (memory bandwidth x intensity, and the matrix-multiply rate)."""
+    peaks = results["env"].get("peaks")
+    points = [
+        (name, stage, e)
+        for name, rec in results["pipelines"].items()
+        for stage, e in rec["inference"].get("efficiency", {}).items()
+    ]
+    if not peaks or not points:
+        return None
+    colours = _colours(results)
+    fig, ax = plt.subplots(figsize=(WIDTH, 4.5))
+    xs = [e["intensity"] for _, _, e in points]
+    grid = np.logspace(np.log10(min(xs) / 4), np.log10(max(xs) * 4), 100)
+    peak, bw = peaks["matmul_float32_gflops"], peaks["bandwidth_gbs"]
+    ax.plot(grid, np.minimum(peak, bw * grid), color="black", lw=1.5, label="roofline (measured)")
+    for name, stage, e in points:
+        ax.scatter(e["intensity"], e["gflops_per_s"], s=40, color=colours[name])
+        ax.annotate(
+            f"{_label(results, name)}: {stage}",
+            (e["intensity"], e["gflops_per_s"]),
+            fontsize=7,
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP per byte moved, estimated)")
+    ax.set_ylabel("achieved GFLOP/s")
+    ax.set_title(f"Roofline: matrix multiply {peak:.0f} GFLOP/s, memory {bw:.1f} GB/s")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out, "roofline")
+
+
 def _fig_sweep(results: dict, out: Path) -> str:
     sweep = results["sweep"]
     colours = _colours(results)
@@ -315,6 +351,7 @@ def _figures(results: dict, history: list[dict], out: Path) -> list[dict]:
         ("Latency distribution", lambda: _fig_latency(results, out)),
         ("Speedup image by image", lambda: _fig_speedup_spread(results, out)),
         ("Inference time against proposals per image", lambda: _fig_sweep(results, out)),
+        ("Roofline", lambda: _fig_roofline(results, out)),
         ("Per-class AP", lambda: _fig_ap(results, out)),
         ("Precision-recall curves", lambda: _fig_pr(results, out)),
         ("Detections on test images", lambda: _fig_examples(results, out)),
@@ -349,6 +386,7 @@ def _tables(results: dict, history: list[dict]) -> dict[str, pd.DataFrame]:
     return {
         "paper": tables.paper_table(results),
         "coco": tables.coco_table(results),
+        "efficiency": tables.efficiency_table(results),
         "data": tables.data_table(results),
         "speedups": tables.speedup_table(results),
         "pipelines": tables.pipeline_table(results, detail=True),
@@ -377,6 +415,7 @@ def render(runs: list[str | Path], out: str | Path) -> tuple[Path, Path]:
         "md": {k: tables.markdown(df) for k, df in frames.items()},
         "headline": _headline(results),
         "notes": _pipeline_notes(results),
+        "efficiency_notes": tables.efficiency_notes(results),
         "config_yaml": yaml.safe_dump(results["config"], sort_keys=False),
         "runs": len(history),
     }

@@ -47,6 +47,7 @@ from benchmarks.memory import PeakMemory
 from benchmarks.preflight import check_disk, check_output, check_splits, clean_leftovers
 from benchmarks.report import render
 from benchmarks.results import SCHEMA_VERSION, append_history, validate, write_json
+from benchmarks.roofline import machine_peaks, stage_efficiency
 from benchmarks.stats import bootstrap_ratio, paired_ratio, summarize
 from datasets.describe import describe
 from pipelines import registry
@@ -63,6 +64,11 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path:
     """One benchmark run. Returns the run folder (results.json inside)."""
     started = time.perf_counter()
     device = setup(cfg)
+    peaks = machine_peaks(device)
+    log(
+        f"{device}: matrix multiply {peaks['matmul_float32_gflops']:.0f} GFLOP/s (float32), "
+        f"memory {peaks['bandwidth_gbs']:.1f} GB/s"
+    )
     check_output(cfg)
     clean_leftovers(cfg)
     splits = load_splits(cfg)
@@ -83,8 +89,10 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path:
     sweep = proposal_sweep(detectors, test, plan, cfg.bench, device)
     costs = {n: _costs(detectors[n], test, plan, device) for n in progress(detectors, "FLOPs")}
     records = pipeline_records(detectors, training, main, variants, costs, splits, proposals)
+    add_efficiency(records, costs, peaks)
     speedups = compute_speedups(records, cfg)
     results = assemble(cfg, config_path, device, splits, proposals, plan, backbone, records)
+    results["env"]["peaks"] = peaks
     results.update(speedup=speedups, sweep=sweep, examples=examples(cfg, splits, main))
     results["timing"]["load"] = hygiene(load_before, machine_load(), cfg.bench.busy_share)
     results["wall_s"] = time.perf_counter() - started
@@ -267,6 +275,14 @@ def pipeline_records(
             "peak_memory_method": cost["peak_memory_method"],
         }
     return out
+
+
+def add_efficiency(records: dict[str, dict], costs: dict[str, dict], peaks: dict) -> None:
+    """Each pipeline's per-stage FLOPs, bytes, achieved rate and share of the machine's ceiling."""
+    for name, rec in records.items():
+        cost, stages = costs[name], rec["inference"]["stages_ms"]
+        eff = stage_efficiency(cost["stage_flops"], cost["stage_bytes"], stages, peaks)
+        rec["inference"]["efficiency"] = eff
 
 
 def speedup(base: dict, cand: dict, baseline: str, candidate: str, cfg: RunConfig) -> dict:

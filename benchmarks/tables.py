@@ -11,6 +11,8 @@ __all__ = [
     "coco_table",
     "console",
     "data_table",
+    "efficiency_notes",
+    "efficiency_table",
     "markdown",
     "paper_table",
     "pipeline_table",
@@ -124,6 +126,54 @@ def coco_table(results: dict) -> pd.DataFrame:
         if coco:
             rows[rec["label"]] = {label: _f(coco[k], 3) for k, label in names.items()}
     return pd.DataFrame(rows).T
+
+
+def efficiency_table(results: dict) -> pd.DataFrame:
+    """Per pipeline and FLOP-carrying stage: FLOPs, bytes moved (estimated), time, achieved rate,
+    arithmetic intensity and the share of the roofline's ceiling reached."""
+    rows = {}
+    for rec in results["pipelines"].values():
+        for stage, e in rec["inference"].get("efficiency", {}).items():
+            rows[f"{rec['label']}: {stage}"] = {
+                "GFLOP": _f(e["flops"] / 1e9, 3),
+                "MB moved (est.)": _f(e["bytes"] / 1e6, 1),
+                "ms": _f(e["ms"], 2),
+                "GFLOP/s": _f(e["gflops_per_s"], 1),
+                "FLOP/byte": _f(e["intensity"], 1),
+                "% of ceiling": _f(100 * e["share_of_ceiling"], 0),
+                "% of matmul peak": _f(100 * e["share_of_matmul_peak"], 0),
+            }
+    return pd.DataFrame(rows).T
+
+
+def efficiency_notes(results: dict) -> list[str]:
+    """The measured speedups beside the FLOP ratios, and which pipeline is further from the
+    machine's matrix-multiply rate over its FLOP-carrying stages."""
+    pipes = results["pipelines"]
+    share = {}
+    for name, rec in pipes.items():
+        eff = rec["inference"].get("efficiency", {})
+        if eff:
+            seconds = sum(e["ms"] for e in eff.values()) / 1000
+            share[name] = sum(e["flops"] for e in eff.values()) / 1e9 / seconds
+    peak = results["env"].get("peaks", {}).get("matmul_float32_gflops")
+    notes = []
+    for s in results["speedup"].values():
+        b, c = pipes[s["baseline"]], pipes[s["candidate"]]
+        line = (
+            f"{c['label']} over {b['label']}: measured inference speedup {s['inference']['value']:.1f}x "
+            f"against a FLOP ratio of {s['flops']:.1f}x"
+        )
+        if peak and s["baseline"] in share and s["candidate"] in share:
+            rb, rc = share[s["baseline"]] / peak, share[s["candidate"]] / peak
+            further = b["label"] if rb < rc else c["label"]
+            line += (
+                f"; over their FLOP-carrying stages {b['label']} reaches {100 * rb:.0f}% and "
+                f"{c['label']} {100 * rc:.0f}% of the {peak:.0f} GFLOP/s matrix-multiply rate, so "
+                f"{further} is further from the machine's limit"
+            )
+        notes.append(line + ".")
+    return notes
 
 
 def data_table(results: dict) -> pd.DataFrame:

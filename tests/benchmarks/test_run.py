@@ -139,3 +139,24 @@ def test_cli_generates_synthetic_data(tmp_path, capsys):
     assert (tmp_path / "s" / "ImageSets" / "Main" / "test.txt").read_text().split() == [
         "test_00000"
     ]
+
+
+def test_stage_costs_count_the_fc_layers_by_hand():
+    import torch
+
+    from benchmarks.inference import count_costs
+    from pipelines.fast_rcnn import FastRCNN, FastRCNNConfig
+    from tests.conftest import build_context
+
+    det = FastRCNN(FastRCNNConfig(scale=64, max_size=96), build_context(3))
+    det.net.eval()
+    image = torch.randint(0, 255, (64, 80, 3), dtype=torch.uint8)
+    boxes = torch.tensor([[0.0, 0, 40, 40], [10, 10, 60, 50], [20, 5, 79, 63]])
+    costs = count_costs(det, image, boxes, torch.device("cpu"))
+    # fc6 (128 x 4 x 4 -> 256) and fc7 (256 -> 256) on 3 RoIs, 2 FLOPs per multiply-add.
+    assert costs["stage_flops"]["fc"] == 2 * 3 * (2048 * 256 + 256 * 256)
+    # The classifier: 256 -> 4 (3 classes and background) on 3 RoIs.
+    assert costs["stage_flops"]["classifier"] == 2 * 3 * 256 * 4
+    assert costs["flops"] == sum(costs["stage_flops"].values())
+    # Bytes: fc reads its input (3 x 2048 floats) and weights at least once.
+    assert costs["stage_bytes"]["fc"] >= 4 * (3 * 2048 + 2048 * 256 + 256 * 256)
