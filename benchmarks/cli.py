@@ -88,6 +88,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return compare(args.a, args.b[0], markdown=args.markdown)
 
 
+def _cmd_fidelity(args: argparse.Namespace) -> int:
+    from benchmarks.config import load_config
+    from benchmarks.fidelity import fidelity_rows, fidelity_table
+    from benchmarks.tables import markdown
+
+    table = fidelity_table(fidelity_rows(load_config(args.config or str(DEFAULT_CONFIG), args.set)))
+    flat = table.reset_index().set_index("pipeline")
+    print(markdown(flat) if args.markdown else flat.to_string())
+    return 0
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from benchmarks.calibrate import calibrate
 
@@ -152,6 +163,11 @@ def parser() -> argparse.ArgumentParser:
         help="instead of comparing, write baseline A from the mean of the runs B",
     )
     c.set_defaults(func=_cmd_compare)
+    fid = sub.add_parser("fidelity", help="a config's settings beside the original code's")
+    fid.add_argument("--config")
+    fid.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    fid.add_argument("--markdown", action="store_true")
+    fid.set_defaults(func=_cmd_fidelity)
     cal = sub.add_parser(
         "calibrate", help="run a config N times, write its baseline with measured tolerances"
     )

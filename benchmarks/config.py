@@ -42,6 +42,7 @@ class DataConfig:
     train_limit: int | None = None  # use only the first N training images
     test_limit: int | None = None  # use only the first N test images
     fallback_to_synthetic: bool = False  # "voc" only: generate synthetic data when root is missing
+    train_difficult: bool = False  # train on difficult objects too (both originals do)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self):

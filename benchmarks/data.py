@@ -130,12 +130,14 @@ def _images(ds: VOCDataset | COCODataset) -> list[np.ndarray]:
     return [ds.load_image(i) for i in progress(range(len(ds)), desc, "img")]
 
 
-def load_train_set(splits: Splits, proposals: dict[str, ProposalSet] | None) -> TrainData:
+def load_train_set(
+    splits: Splits, proposals: dict[str, ProposalSet] | None, train_difficult: bool = False
+) -> TrainData:
     """The training split decoded into memory, with its shared proposals (empty arrays when no
     pipeline uses them)."""
     ds = splits.train
     boxes = proposals[ds.split].boxes if proposals else [np.zeros((0, 4), np.float32)] * len(ds)
-    return TrainData(_images(ds), ds.annotations, boxes, ds.num_classes)
+    return TrainData(_images(ds), ds.annotations, boxes, ds.num_classes, train_difficult)
 
 
 def load_test_set(

@@ -23,6 +23,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 from benchmarks import tables
+from benchmarks.fidelity import fidelity_table
 from benchmarks.results import history_line, read_results
 from datasets.voc import read_image
 from pipelines import registry
@@ -387,6 +388,7 @@ def _tables(results: dict, history: list[dict]) -> dict[str, pd.DataFrame]:
         "paper": tables.paper_table(results),
         "coco": tables.coco_table(results),
         "efficiency": tables.efficiency_table(results),
+        "fidelity": fidelity_table(results.get("fidelity", [])).reset_index().set_index("pipeline"),
         "data": tables.data_table(results),
         "speedups": tables.speedup_table(results),
         "pipelines": tables.pipeline_table(results, detail=True),

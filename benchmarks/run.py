@@ -35,6 +35,7 @@ from benchmarks.data import (
 )
 from benchmarks.env import environment, machine_load, make_reproducible, resolve_device, seeded
 from benchmarks.evaluation import VOCEvaluator
+from benchmarks.fidelity import fidelity_rows
 from benchmarks.inference import (
     PassResult,
     TimingPlan,
@@ -81,7 +82,8 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path:
     if not all(cls.owns_proposals for cls in classes):
         proposals = shared_proposals(cfg, splits)
     detectors = build_pipelines(cfg, backbone, splits.train.num_classes, device)
-    training = train_pipelines(detectors, load_train_set(splits, proposals), device, cfg.seed)
+    train = load_train_set(splits, proposals, cfg.data.train_difficult)
+    training = train_pipelines(detectors, train, device, cfg.seed)
     test = load_test_set(splits, proposals, device)
     load_before = machine_load()
     main = time_pass(detectors, test, _boxes_for(detectors, test), plan, device)
@@ -93,6 +95,7 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path:
     speedups = compute_speedups(records, cfg)
     results = assemble(cfg, config_path, device, splits, proposals, plan, backbone, records)
     results["env"]["peaks"] = peaks
+    results["fidelity"] = [row.as_dict() for row in fidelity_rows(cfg)]
     results.update(speedup=speedups, sweep=sweep, examples=examples(cfg, splits, main))
     results["timing"]["load"] = hygiene(load_before, machine_load(), cfg.bench.busy_share)
     results["wall_s"] = time.perf_counter() - started

@@ -51,18 +51,21 @@ class TrainData:
         annotations: one per image.
         proposals: list of float32 (Ri, 4) xyxy boxes, one per image (without ground truth).
         num_classes: K.
+        train_difficult: whether difficult objects are training targets (both originals train on
+            every object, difficult ones included: docs/design.md).
     """
 
     images: list[np.ndarray]
     annotations: list[Annotation]
     proposals: list[np.ndarray]
     num_classes: int
+    train_difficult: bool = False
 
     def ground_truth(self, i: int) -> tuple[Tensor, Tensor]:
-        """Non-difficult boxes (Tensor[G, 4]) and labels (Tensor[G]) of image i: the training targets
-        (difficult objects are left out of training, as in both originals' default)."""
+        """The training targets of image i: boxes (Tensor[G, 4]) and labels (Tensor[G]), difficult
+        objects included only with ``train_difficult``."""
         ann = self.annotations[i]
-        keep = ~ann.difficult
+        keep = np.ones(len(ann.labels), bool) if self.train_difficult else ~ann.difficult
         return torch.from_numpy(ann.boxes[keep]), torch.from_numpy(ann.labels[keep])
 
 
@@ -101,6 +104,11 @@ class Detector(abc.ABC):
         self.cfg = cfg
         self.num_classes = context.num_classes
         self.device = context.device
+
+    @classmethod
+    def fidelity(cls, cfg: Any) -> list:
+        """This pipeline's settings beside its original's (pipelines.fidelity.Setting rows)."""
+        return []
 
     @classmethod
     def cache_bytes(cls, cfg: Any, train_images: int, regions_per_image: int, backbone: Any) -> int:
