@@ -115,17 +115,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="rcnn-bench",
-        description="Benchmark the R-CNN family of detectors on shared proposals.",
+def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """--config and --set, as every command that reads a config takes them."""
+    p.add_argument(
+        "--config", required=required, help=f"YAML config (default: {DEFAULT_CONFIG.name})"
     )
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="train, time and score the pipelines; write reports/<run-id>/")
-    r.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG.name})")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
-    r.set_defaults(func=_cmd_run)
-    d = sub.add_parser("data", help="generate data")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
+
+
+def _data_parsers(sub) -> None:
+    d = sub.add_parser("data", help="generate or convert data")
     dsub = d.add_subparsers(dest="what", required=True)
     syn = dsub.add_parser("synthetic", help="write a synthetic VOC-format folder")
     syn.add_argument("--out", required=True)
@@ -141,16 +140,9 @@ def parser() -> argparse.ArgumentParser:
         "--ann", action="append", default=[], metavar="SPLIT=FILE", help="--to voc: a split's json"
     )
     conv.set_defaults(func=_cmd_convert)
-    pr = sub.add_parser("proposals", help="compute (or read) the shared proposals of a config")
-    pr.add_argument("--config")
-    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    pr.set_defaults(func=_cmd_proposals)
-    rep = sub.add_parser("report", help="render report.html and report.md from run folders")
-    rep.add_argument(
-        "runs", nargs="+", help="run folders; the last is the one reported, all feed the trend"
-    )
-    rep.add_argument("--out", help="where to write (default: the last run folder)")
-    rep.set_defaults(func=_cmd_report)
+
+
+def _compare_parsers(sub) -> None:
     c = sub.add_parser(
         "compare", help="compare run B against run or baseline A; non-zero on a regression"
     )
@@ -163,27 +155,46 @@ def parser() -> argparse.ArgumentParser:
         help="instead of comparing, write baseline A from the mean of the runs B",
     )
     c.set_defaults(func=_cmd_compare)
-    fid = sub.add_parser("fidelity", help="a config's settings beside the original code's")
-    fid.add_argument("--config")
-    fid.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    fid.add_argument("--markdown", action="store_true")
-    fid.set_defaults(func=_cmd_fidelity)
     cal = sub.add_parser(
         "calibrate", help="run a config N times, write its baseline with measured tolerances"
     )
-    cal.add_argument("--config", required=True)
+    _config_args(cal, required=True)
     cal.add_argument("--runs", type=int, default=5)
     cal.add_argument("--out", required=True, help="the baseline JSON to write")
     cal.add_argument("--reports", default="build/calibration", help="where the runs go")
-    cal.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     cal.set_defaults(func=_cmd_calibrate)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rcnn-bench",
+        description="Benchmark the R-CNN family of detectors on shared proposals.",
+    )
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train, time and score the pipelines; write reports/<run-id>/")
+    _config_args(r)
+    r.set_defaults(func=_cmd_run)
+    _data_parsers(sub)
+    pr = sub.add_parser("proposals", help="compute (or read) the shared proposals of a config")
+    _config_args(pr)
+    pr.set_defaults(func=_cmd_proposals)
+    rep = sub.add_parser("report", help="render report.html and report.md from run folders")
+    rep.add_argument(
+        "runs", nargs="+", help="run folders; the last is the one reported, all feed the trend"
+    )
+    rep.add_argument("--out", help="where to write (default: the last run folder)")
+    rep.set_defaults(func=_cmd_report)
+    _compare_parsers(sub)
+    fid = sub.add_parser("fidelity", help="a config's settings beside the original code's")
+    _config_args(fid)
+    fid.add_argument("--markdown", action="store_true")
+    fid.set_defaults(func=_cmd_fidelity)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser()
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:
