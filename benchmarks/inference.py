@@ -214,7 +214,11 @@ def _sweep_point(test: TestSet, i: int, n: int, seed: int, device: torch.device)
 
 
 def count_costs(
-    det: Detector, image: Tensor, boxes: Tensor | None, device: torch.device
+    det: Detector,
+    image: Tensor,
+    boxes: Tensor | None,
+    device: torch.device,
+    variant: str | None = None,
 ) -> dict[str, int | str | dict]:
     """FLOPs (torch's FLOP counter) and estimated bytes moved of one detection, per stage and in
     all, and the peak memory it holds.
@@ -223,8 +227,9 @@ def count_costs(
         {"flops", "stage_flops", "stage_bytes", "peak_memory_bytes", "peak_memory_method"}.
     """
     timer = CostTimer(device)
-    det.detect(image, boxes, timer)
-    peak, method = allocation_peak(lambda: det.detect(image, boxes, StageTimer(device)), device)
+    det.detect(image, boxes, timer, variant)
+    run = lambda: det.detect(image, boxes, StageTimer(device), variant)  # noqa: E731
+    peak, method = allocation_peak(run, device)
     return {
         "flops": sum(timer.flops.values()),
         "stage_flops": timer.flops,

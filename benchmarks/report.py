@@ -172,6 +172,42 @@ def _fig_roofline(results: dict, out: Path) -> str | None:
     return _save(fig, out, "roofline")
 
 
+def _fig_tradeoffs(results: dict, out: Path) -> str | None:
+    """mAP against ms/img for every model run at test time, marker area by model bytes, the Pareto
+    front drawn."""
+    points = tables.tradeoff_points(results)
+    if len(points) < 2:
+        return None
+    colours = _colours(results)
+    sizes = [p["bytes"] or 0 for p in points]
+    scale = 600 / max(max(sizes), 1)
+    fig, ax = plt.subplots(figsize=(WIDTH, 4.5))
+    for p, size in zip(points, sizes, strict=True):
+        ax.scatter(p["ms"], p["map"], s=30 + size * scale, alpha=0.6, color=colours[p["pipeline"]])
+        ax.annotate(
+            p["label"], (p["ms"], p["map"]), fontsize=7, xytext=(4, 3), textcoords="offset points"
+        )
+    front = sorted(
+        (p for p in points if p["label"] in tables.pareto(points)), key=lambda p: p["ms"]
+    )
+    ax.step(
+        [p["ms"] for p in front],
+        [p["map"] for p in front],
+        where="post",
+        color="black",
+        lw=1,
+        ls="--",
+        label="Pareto front",
+    )
+    ax.set_xscale("log")
+    _log_axis(ax.xaxis)
+    ax.set_xlabel("ms per image (median, log scale)")
+    ax.set_ylabel("VOC07 mAP")
+    ax.set_title("Accuracy against speed; marker area: model bytes")
+    ax.legend(fontsize=8)
+    return _save(fig, out, "tradeoffs")
+
+
 def _fig_sweep(results: dict, out: Path) -> str:
     sweep = results["sweep"]
     colours = _colours(results)
@@ -353,6 +389,7 @@ def _figures(results: dict, history: list[dict], out: Path) -> list[dict]:
         ("Speedup image by image", lambda: _fig_speedup_spread(results, out)),
         ("Inference time against proposals per image", lambda: _fig_sweep(results, out)),
         ("Roofline", lambda: _fig_roofline(results, out)),
+        ("Trade-offs: accuracy, speed and size", lambda: _fig_tradeoffs(results, out)),
         ("Per-class AP", lambda: _fig_ap(results, out)),
         ("Precision-recall curves", lambda: _fig_pr(results, out)),
         ("Detections on test images", lambda: _fig_examples(results, out)),
@@ -388,6 +425,7 @@ def _tables(results: dict, history: list[dict]) -> dict[str, pd.DataFrame]:
         "paper": tables.paper_table(results),
         "coco": tables.coco_table(results),
         "efficiency": tables.efficiency_table(results),
+        "tradeoffs": tables.tradeoff_table(results),
         "fidelity": fidelity_table(results.get("fidelity", [])).reset_index().set_index("pipeline"),
         "data": tables.data_table(results),
         "speedups": tables.speedup_table(results),

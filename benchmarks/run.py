@@ -195,7 +195,7 @@ def time_variants(
     out: dict[str, dict[str, PassResult]] = {}
     for name, det in detectors.items():
         out[name] = {}
-        for variant in det.variants:
+        for variant in det.enabled_variants():
             one = {name: det}
             result = time_pass(
                 one, test, _boxes_for(one, test), plan, device, variant=variant, desc=variant
@@ -205,11 +205,16 @@ def time_variants(
 
 
 def _costs(det: Detector, test: TestSet, plan: TimingPlan, device: torch.device) -> dict:
-    """FLOPs and peak memory of one detection, on the first timed image."""
+    """FLOPs and peak memory of one detection on the first timed image, and the model's size; the
+    same for each enabled variant under "variants"."""
     i = plan.timed[0]
     boxes = None if det.owns_proposals else test.boxes[i]
     costs = count_costs(det, test.images[i], boxes, device)
-    costs["proposals"] = 0 if boxes is None else int(boxes.shape[0])
+    costs.update(det.model_size(), proposals=0 if boxes is None else int(boxes.shape[0]))
+    costs["variants"] = {
+        v: {**count_costs(det, test.images[i], boxes, device, v), **det.model_size(v)}
+        for v in det.enabled_variants()
+    }
     return costs
 
 
@@ -253,6 +258,7 @@ def pipeline_records(
             "label": det.label or name,
             "owns_proposals": det.owns_proposals,
             "paper": paper,
+            "variant_papers": dict(det.variant_papers),
             "train": training[name],
             "inference": {
                 "ms_per_image": summarize(timing.samples_ms),
@@ -271,9 +277,14 @@ def pipeline_records(
                     "ms_per_image": summarize(result.samples_ms),
                     "samples_ms": result.samples_ms,
                     "stages_ms": result.mean_stages(),
+                    "flops_per_image": cost["variants"][variant]["flops"],
+                    "params": cost["variants"][variant]["params"],
+                    "model_bytes": cost["variants"][variant]["bytes"],
                 }
                 for variant, result in variants[name].items()
             },
+            "params": cost["params"],
+            "model_bytes": cost["bytes"],
             "peak_memory_bytes": cost["peak_memory_bytes"],
             "peak_memory_method": cost["peak_memory_method"],
         }

@@ -15,9 +15,12 @@ __all__ = [
     "efficiency_table",
     "markdown",
     "paper_table",
+    "pareto",
     "pipeline_table",
     "speedup_table",
     "summary",
+    "tradeoff_points",
+    "tradeoff_table",
 ]
 
 
@@ -114,6 +117,74 @@ def paper_table(results: dict) -> pd.DataFrame:
                 "VOC07 mAP (%)": _g(paper.get("voc07_map")),
             }
     return pd.DataFrame(cols)
+
+
+def tradeoff_points(results: dict) -> list[dict]:
+    """Every pipeline's default model and each of its variants: label, mAP, ms/img, FLOPs, size."""
+    points = []
+    for name, rec in results["pipelines"].items():
+        papers = rec.get("variant_papers", {})
+        points.append(
+            {
+                "pipeline": name,
+                "label": rec["label"],
+                "variant": None,
+                "map": rec["map"]["voc07"],
+                "ms": rec["inference"]["ms_per_image"]["median"],
+                "flops": rec["inference"]["flops_per_image"],
+                "params": rec.get("params"),
+                "bytes": rec.get("model_bytes"),
+                "paper": papers.get("default"),
+            }
+        )
+        for variant, v in rec.get("variants", {}).items():
+            points.append(
+                {
+                    "pipeline": name,
+                    "label": f"{rec['label']}: {variant}",
+                    "variant": variant,
+                    "map": v["map"]["voc07"],
+                    "ms": v["ms_per_image"]["median"],
+                    "flops": v.get("flops_per_image"),
+                    "params": v.get("params"),
+                    "bytes": v.get("model_bytes"),
+                    "paper": papers.get(variant),
+                }
+            )
+    return points
+
+
+def pareto(points: list[dict]) -> set[str]:
+    """Labels of the points no other point beats on both mAP (higher) and time (lower)."""
+    return {
+        p["label"]
+        for p in points
+        if not any(
+            q["map"] >= p["map"]
+            and q["ms"] <= p["ms"]
+            and (q["map"], q["ms"]) != (p["map"], p["ms"])
+            for q in points
+        )
+    }
+
+
+def tradeoff_table(results: dict) -> pd.DataFrame:
+    """Accuracy, size and speed of every model run at test time, the Pareto-optimal ones marked,
+    with the paper's figure beside a variant where the paper has one."""
+    points = tradeoff_points(results)
+    front = pareto(points)
+    rows = {}
+    for p in points:
+        rows[p["label"]] = {
+            "VOC07 mAP": _f(p["map"], 3),
+            "ms/img": _f(p["ms"], 1),
+            "GFLOP/img": _f(None if p["flops"] is None else p["flops"] / 1e9, 2),
+            "params (M)": _f(None if p["params"] is None else p["params"] / 1e6, 3),
+            "MB": _f(None if p["bytes"] is None else p["bytes"] / 1e6, 2),
+            "Pareto": "yes" if p["label"] in front else "",
+            "paper": p["paper"] or "",
+        }
+    return pd.DataFrame(rows).T
 
 
 def coco_table(results: dict) -> pd.DataFrame:

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 from datasets.voc import Annotation
@@ -87,6 +87,8 @@ class Detector(abc.ABC):
             "conv" (the trunk), "per_region" (warping, pooling, fc layers run per region),
             "classifier" (scores, box regression, NMS) or "other" (the default for a stage not
             listed). Selective search is added by the harness as "proposals".
+        variant_papers: per variant (None: the default model), its published figure with the
+            table it comes from, for the report's trade-off table.
 
     ``fit`` records its stages in the timer it is given; ``detect`` records its inference stages.
     """
@@ -99,11 +101,45 @@ class Detector(abc.ABC):
     train_stages: ClassVar[tuple[str, ...]] = ()
     paper: ClassVar[PaperFigures | None] = None
     stage_groups: ClassVar[dict[str, str]] = {}
+    variant_papers: ClassVar[
+        dict[str, str]
+    ] = {}  # a variant's published figure, where there is one
 
     def __init__(self, cfg: Any, context: BuildContext):
         self.cfg = cfg
         self.num_classes = context.num_classes
         self.device = context.device
+
+    def enabled_variants(self) -> tuple[str, ...]:
+        """The variants this run times and scores: the config block's ``variants`` list when it has
+        one ("all": every declared variant), else every declared variant."""
+        chosen = getattr(self.cfg, "variants", None)
+        if chosen is None or "all" in chosen:
+            return self.variants
+        unknown = sorted(set(chosen) - set(self.variants))
+        if unknown:
+            raise ValueError(
+                f"pipelines.{self.name}.variants: {unknown[0]!r} is not a variant of {self.name} "
+                f"(its variants: {', '.join(self.variants) or 'none'}; or 'all')"
+            )
+        return tuple(v for v in self.variants if v in chosen)
+
+    def test_modules(self, variant: str | None = None) -> list[nn.Module]:
+        """The modules that run at test time in ``variant``: their parameters are the model's size."""
+        return []
+
+    def test_tensors(self, variant: str | None = None) -> list[Tensor]:
+        """Tensors outside modules that run at test time (SVM weights, regressors)."""
+        return []
+
+    def model_size(self, variant: str | None = None) -> dict[str, int]:
+        """Parameters and bytes of the model actually run at test time in ``variant``."""
+        params = {id(p): p for m in self.test_modules(variant) for p in m.parameters()}
+        tensors = list(params.values()) + self.test_tensors(variant)
+        return {
+            "params": sum(t.numel() for t in tensors),
+            "bytes": sum(t.numel() * t.element_size() for t in tensors),
+        }
 
     @classmethod
     def fidelity(cls, cfg: Any) -> list:

@@ -197,3 +197,16 @@ def test_schema_1_results_are_read_and_reported(tiny_run, tmp_path):
     baseline = tmp_path / "b.json"
     write_baseline([tiny_run], baseline)
     assert compare(baseline, old) == 0
+
+
+def test_pareto_front_by_hand():
+    from benchmarks.tables import pareto
+
+    points = [
+        {"label": "a", "map": 0.7, "ms": 100.0},  # the most accurate
+        {"label": "b", "map": 0.6, "ms": 10.0},  # the fastest
+        {"label": "c", "map": 0.6, "ms": 50.0},  # as accurate as b, slower
+        {"label": "d", "map": 0.65, "ms": 40.0},  # between a and b
+        {"label": "e", "map": 0.5, "ms": 200.0},  # beaten by everything
+    ]
+    assert pareto(points) == {"a", "b", "d"}
