@@ -183,7 +183,7 @@ def test_zero_byte_image_in_a_worker_names_the_file(tiny_voc, tmp_path):
     broken.write_bytes(b"")
     with pytest.raises(DatasetError) as err:
         compute(ds, CFG, workers=2)
-    assert str(err.value) == f"{broken}: image cannot be decoded (corrupt or not an image)"
+    assert str(err.value) == f"{broken}: image file is empty (0 bytes)"
     assert err.value.path == str(broken)
 
 
