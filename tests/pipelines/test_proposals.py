@@ -218,7 +218,7 @@ _CHILD = textwrap.dedent(
     from pipelines import proposals as P
 
 
-    def announce(items, **kwargs):  # stands in for compute()'s progress bar
+    def announce(items, *args, **kwargs):  # stands in for compute()'s progress bar
         for i, item in enumerate(items):
             yield item
             if i == 0:  # the first image is done: the pool and its workers are running
@@ -226,7 +226,7 @@ _CHILD = textwrap.dedent(
 
 
     if __name__ == "__main__":
-        P.tqdm = announce
+        P.progress = announce
         ds = VOCDataset(sys.argv[1], "test")
         P.compute(ds, P.ProposalConfig(mode="quality", resize_max_side=160), workers=2)
         print("finished", flush=True)
