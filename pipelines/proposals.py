@@ -3,14 +3,15 @@
 Each image is shrunk so that its longer side is at most ``resize_max_side``, segmented by OpenCV
 contrib's selective search (fast or quality mode), and the boxes are mapped back to the original
 pixels; boxes with a side under ``min_side`` and duplicates are dropped, and at most
-``max_proposals`` are kept in selective search's own order. Images are processed in worker processes;
-the result is cached on disk, keyed by the dataset, the split and the parameters, and the cache
-records the image ids it was computed for.
+``max_proposals`` are kept in selective search's own order. Images are processed in worker processes,
+of this machine or of a Dask cluster (``ProposalConfig.executor``, pipelines.executors); the result is
+cached on disk, keyed by the dataset, the split and the parameters (not by where they were computed),
+and the cache records the image ids it was computed for.
 
 Selective search orders its regions by a random rank drawn from the C library's ``rand()``
 (opencv_contrib, selectivesearchsegmentation.cpp). :func:`selective_search` seeds ``srand`` from
 ``ProposalConfig.seed`` and the image id right before segmenting, so the proposals of an image do not
-depend on which process computed it or on what that process computed before.
+depend on which process or machine computed it or on what that process computed before.
 
 Worker processes end with their parent, even one killed outright (Linux), and Ctrl-C stops them;
 whatever fails in a worker comes back as one DatasetError line that names the image file.
@@ -23,16 +24,13 @@ import ctypes.util
 import functools
 import hashlib
 import json
-import multiprocessing
 import os
-import signal
 import sys
+import threading
 import time
 import zipfile
 import zlib
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,7 +40,7 @@ import torch
 
 from datasets.voc import DatasetError, VOCDataset, read_image
 from pipelines.boxes import box_iou, clip_boxes, min_side_keep, unique_boxes
-from pipelines.progress import progress
+from pipelines.executors import EXECUTORS, WorkerLostError, map_tasks
 
 __all__ = [
     "DamagedProposalCacheError",
@@ -55,8 +53,13 @@ __all__ = [
 ]
 
 CACHE_VERSION = 2  # 2: proposals are seeded (ProposalConfig.seed); version 1 ones were not
+# ProposalConfig's fields that say where the proposals are computed, not what they are: left out of
+# the cache key, so that adding them kept version 2's keys.
+_NOT_IN_KEY = ("executor", "scheduler")
 
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+# rand() is global to the process: one selective search at a time per process (see
+# selective_search), should a Dask worker run several threads.
+_SRAND_LOCK = threading.Lock()
 
 
 class ProposalCacheError(ValueError):
@@ -69,19 +72,29 @@ class DamagedProposalCacheError(ProposalCacheError):
 
 @dataclass(frozen=True)
 class ProposalConfig:
-    """Selective-search settings; every field is part of the cache key."""
+    """Selective-search settings; every field but ``executor`` and ``scheduler`` is part of the
+    cache key."""
 
     mode: str = "fast"  # "fast" or "quality" (cv2.ximgproc's two strategies)
     resize_max_side: int = 500  # shrink images so the longer side is at most this before segmenting
     min_side: float = 4.0  # drop boxes with a side under this many pixels (original image)
     max_proposals: int = 2000  # keep at most this many per image, in selective search's order
     seed: int = 0  # with the image id, seeds the random rank that orders selective search's boxes
+    executor: str = "local"  # "local": this machine's processes; "dask": a dask.distributed cluster
+    scheduler: str | None = None  # dask: "tcp://host:8786"; None: a LocalCluster on this machine
 
     def __post_init__(self):
         if self.mode not in ("fast", "quality"):
             raise ValueError(f"proposals.mode must be 'fast' or 'quality', got {self.mode!r}")
         if self.max_proposals < 1 or self.resize_max_side < 16:
             raise ValueError("proposals.max_proposals must be >= 1 and resize_max_side >= 16")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"proposals.executor must be 'local' or 'dask', got {self.executor!r}")
+        if self.scheduler is not None and self.executor != "dask":
+            raise ValueError(
+                f"proposals.scheduler ({self.scheduler!r}) is for executor 'dask'; "
+                "set proposals.executor: dask or drop the scheduler"
+            )
 
 
 @dataclass
@@ -193,31 +206,16 @@ def selective_search(image: np.ndarray, cfg: ProposalConfig, image_id: str = "")
     # process() ranks regions by rand() * level; the C library's generator is global to the process,
     # so it is seeded here, right before, from this image alone. (cv2.setRNGSeed, OpenCV's own
     # generator, does not change the result: checked.) rand() is shared by every thread of the
-    # process, so two threads must not run this at once; compute() uses processes.
-    _c_srand()(image_seed(cfg.seed, image_id))
-    rects = torch.from_numpy(ss.process().astype(np.float32).reshape(-1, 4))  # (x, y, w, h), small
+    # process, so two threads must not run this at once: compute()'s workers are single-threaded
+    # processes, and the lock covers a Dask worker started with several threads.
+    with _SRAND_LOCK:
+        _c_srand()(image_seed(cfg.seed, image_id))
+        rects = ss.process()
+    rects = torch.from_numpy(rects.astype(np.float32).reshape(-1, 4))  # (x, y, w, h), small image
     boxes = torch.cat((rects[:, :2], rects[:, :2] + rects[:, 2:]), dim=1) / scale
     boxes = clip_boxes(torch.round(boxes * 100) / 100, (h, w))
     boxes = boxes[min_side_keep(boxes, cfg.min_side)]
     return boxes[unique_boxes(boxes)][: cfg.max_proposals].numpy()
-
-
-def _init_worker(parent_pid: int) -> None:
-    """Pool initializer: tie the worker's life to the parent's, and leave Ctrl-C to the parent."""
-    # Ctrl-C reaches the whole process group; the parent stops the pool itself (compute()), and
-    # interrupted workers would only add tracebacks (or send KeyboardInterrupt back as a result).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        # Killed parents (SIGKILL, OOM killer) run no clean-up, and a worker blocked on the task
-        # queue would then wait forever, since it holds that queue's write end itself: have the
-        # kernel kill the worker when the thread that started it exits. compute() starts the
-        # workers from its calling thread and shuts the pool down before returning.
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed in a proposal worker")
-    # A parent that died before prctl took effect has left us to init already: no signal will come.
-    if os.getppid() != parent_pid:
-        os._exit(1)
 
 
 def _worker(args: tuple[str, str, ProposalConfig]) -> tuple[np.ndarray, float]:
@@ -243,49 +241,14 @@ def _worker(args: tuple[str, str, ProposalConfig]) -> tuple[np.ndarray, float]:
     return boxes, time.perf_counter() - start
 
 
-def _run_pool(jobs: list[tuple[str, str, ProposalConfig]], workers: int, desc: str) -> list:
-    """``[_worker(job) for job in jobs]`` in ``workers`` spawned processes, in order."""
-    # spawn, not fork: a forked child inherits OpenCV's and torch's thread pools mid-state and can
-    # deadlock. (A script calling this needs the usual `if __name__ == "__main__":` guard.)
-    ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)
-    )
-    results = []
-    try:
-        # One future per image (not map's chunks): a failure is then tied to one image's file.
-        futures = [pool.submit(_worker, job) for job in jobs]
-        for job, future in zip(jobs, progress(futures, desc, "img"), strict=True):
-            try:
-                results.append(future.result())
-            except BrokenProcessPool:
-                # A worker died without an exception (crash, out of memory, killed); futures are
-                # read in order, so this image was in progress or queued next.
-                raise DatasetError(
-                    job[0],
-                    "a proposal worker process died while this image (or one started with it) was "
-                    "being segmented; rerun with 1 worker to see which image fails",
-                ) from None
-    except KeyboardInterrupt:
-        # Stop now: drop the queued images, and kill the running ones rather than wait for them
-        # (the interpreter would otherwise wait for them at exit). shutdown() forgets the processes.
-        running = list((getattr(pool, "_processes", None) or {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
-        for process in running:
-            process.terminate()
-        raise
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)  # only the images already started remain
-        raise
-    pool.shutdown(wait=True)
-    return results
+def _key(cfg: ProposalConfig) -> dict:
+    """The settings that decide the proposals: the cache key's, and the cache's record of them."""
+    return {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_KEY}
 
 
 def cache_path(cache_dir: str | Path, dataset: VOCDataset, cfg: ProposalConfig) -> Path:
     """Where the proposals of this dataset split and these settings are cached."""
-    key = json.dumps(
-        {"v": CACHE_VERSION, "data": dataset.fingerprint, **asdict(cfg)}, sort_keys=True
-    )
+    key = json.dumps({"v": CACHE_VERSION, "data": dataset.fingerprint, **_key(cfg)}, sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     return (
         Path(cache_dir)
@@ -305,7 +268,7 @@ def save(path: Path, props: ProposalSet, dataset: VOCDataset, cfg: ProposalConfi
         seconds=props.seconds,
         image_ids=np.array(props.image_ids),
         meta=np.array(
-            json.dumps({"split": dataset.split, "data": dataset.fingerprint, **asdict(cfg)})
+            json.dumps({"split": dataset.split, "data": dataset.fingerprint, **_key(cfg)})
         ),
     )
     tmp.replace(path)
@@ -357,23 +320,30 @@ def load(path: Path, dataset: VOCDataset) -> ProposalSet:
 
 
 def compute(dataset: VOCDataset, cfg: ProposalConfig, workers: int = 1) -> ProposalSet:
-    """Run selective search on every image of a split, in ``workers`` processes, with a progress bar.
+    """Run selective search on every image of a split, with a progress bar: in ``workers`` processes
+    of this machine, or on a Dask cluster (``cfg.executor``, ``cfg.scheduler``; without a scheduler,
+    a LocalCluster of ``workers`` processes).
 
-    The boxes do not depend on ``workers`` (each image is seeded on its own).
+    The boxes do not depend on the executor or on ``workers`` (each image is seeded on its own).
 
     Raises:
         DatasetError: an image that is missing, cannot be decoded or yields no box, or whose worker
             failed; one line naming the file.
+        ExecutorError: "dask": the scheduler cannot be reached, or no worker joined it.
         KeyboardInterrupt: re-raised after the queued images are dropped and the workers stopped.
     """
     # The seed key is the image file's name, not the split's id, so that the same image gets the same
     # proposals whatever format its data set is in (a COCO id is a number, a VOC id the file stem).
     jobs = [(str(path), path.stem, cfg) for path in map(dataset.image_path, dataset.image_ids)]
     desc = f"proposals {dataset.name}/{dataset.split}"
-    if workers <= 1:
-        results = [_worker(job) for job in progress(jobs, desc, "img")]
-    else:
-        results = _run_pool(jobs, workers, desc)
+    try:
+        results = map_tasks(_worker, jobs, cfg.executor, cfg.scheduler, workers, desc, "img")
+    except WorkerLostError as err:
+        raise DatasetError(
+            jobs[err.index][0],
+            "a proposal worker process died while this image (or one started with it) was being "
+            "segmented; rerun with 1 worker to see which image fails",
+        ) from None
     for (path, _, _), (boxes, _) in zip(jobs, results, strict=True):
         if len(boxes) == 0:
             raise DatasetError(path, "selective search found no box (blank image?)")

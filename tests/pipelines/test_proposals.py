@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 import pickle
 import select
@@ -17,6 +19,7 @@ from unittest import mock
 import cv2
 import numpy as np
 import pytest
+from distributed import LocalCluster
 
 from datasets.voc import DatasetError, VOCDataset
 from pipelines import proposals as P
@@ -31,6 +34,7 @@ from pipelines.proposals import (
 )
 
 CFG = ProposalConfig(resize_max_side=64, max_proposals=50, min_side=3)
+DASK = ProposalConfig(**{**vars(CFG), "executor": "dask"})  # a LocalCluster of `workers` processes
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -176,13 +180,14 @@ def test_damaged_cache_is_recomputed(tiny_voc, tmp_path, capsys, damage, reason)
     assert cached and again.sha1() == original.sha1()
 
 
-def test_zero_byte_image_in_a_worker_names_the_file(tiny_voc, tmp_path):
+@pytest.mark.parametrize("cfg", [CFG, DASK], ids=["local", "dask"])
+def test_zero_byte_image_in_a_worker_names_the_file(tiny_voc, tmp_path, cfg):
     root = shutil.copytree(tiny_voc[0], tmp_path / "tiny")
     ds = VOCDataset(root, "test")
     broken = ds.image_path("test_00002")
     broken.write_bytes(b"")
     with pytest.raises(DatasetError) as err:
-        compute(ds, CFG, workers=2)
+        compute(ds, cfg, workers=2)
     assert str(err.value) == f"{broken}: image file is empty (0 bytes)"
     assert err.value.path == str(broken)
 
@@ -208,6 +213,80 @@ def test_bad_mode():
         ProposalConfig(mode="slow")
 
 
+def test_bad_executor_and_a_scheduler_without_dask():
+    with pytest.raises(
+        ValueError, match=r"^proposals\.executor must be 'local' or 'dask', got 'ray'$"
+    ):
+        ProposalConfig(executor="ray")
+    with pytest.raises(
+        ValueError, match=r"^proposals\.scheduler \('tcp://h:8786'\) is for executor"
+    ):
+        ProposalConfig(scheduler="tcp://h:8786")
+
+
+# --- the Dask executor (pipelines.executors) ---
+
+
+def test_dask_gives_the_local_pools_proposals_bit_for_bit(tiny_voc):
+    ds = VOCDataset(tiny_voc[0], "trainval")
+    local, dask = compute(ds, CFG, workers=2), compute(ds, DASK, workers=2)
+    for a, b in zip(local.boxes, dask.boxes, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert dask.sha1() == local.sha1()
+
+
+def test_a_scheduler_with_a_two_thread_worker_gives_the_same_proposals(tiny_voc):
+    # As a cluster started by hand might be (`dask worker ADDRESS --nthreads 2`): selective search
+    # takes a lock around the C library's rand(), so the threads cannot interleave their draws.
+    ds = VOCDataset(tiny_voc[0], "trainval")
+    with LocalCluster(
+        n_workers=1,
+        threads_per_worker=2,
+        dashboard_address=None,
+        scheduler_kwargs={"dashboard_address": ":0"},
+    ) as cluster:
+        remote = ProposalConfig(**{**vars(DASK), "scheduler": cluster.scheduler_address})
+        props = compute(ds, remote)
+    assert props.sha1() == compute(ds, CFG).sha1()
+
+
+def test_cache_key_leaves_out_where_the_proposals_were_computed(tiny_voc, tmp_path):
+    ds = VOCDataset(tiny_voc[0], "test")
+    local, cached = load_or_compute(ds, CFG, tmp_path, workers=1)
+    assert not cached
+    remote = ProposalConfig(**{**vars(DASK), "scheduler": "tcp://nowhere:8786"})
+    with mock.patch.object(P, "compute", side_effect=AssertionError("recomputed")):
+        for cfg in (DASK, remote):
+            props, cached = load_or_compute(ds, cfg, tmp_path, workers=2)
+            assert cached and props.sha1() == local.sha1()
+    # The key is version 2's, as before the two fields existed: old caches stay valid.
+    fields = {"mode": "fast", "resize_max_side": 64, "min_side": 3, "max_proposals": 50, "seed": 0}
+    key = json.dumps({"v": 2, "data": ds.fingerprint, **fields}, sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    assert P.cache_path(tmp_path, ds, DASK) == tmp_path / f"tiny-test-4-ss-fast-{digest}.npz"
+
+
+def _die_on_test_00001(marker: str, job: tuple[str, str, ProposalConfig]):
+    """P._worker, but the first time it gets test_00001 it kills its own (Dask worker) process."""
+    if job[1] == "test_00001" and not os.path.exists(marker):
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return P._worker(job)
+
+
+def test_a_killed_dask_worker_still_gives_a_whole_cache(tiny_voc, tmp_path):
+    ds = VOCDataset(tiny_voc[0], "test")
+    marker = tmp_path / "killed"
+    # The tasks are sent by reference to this module's function, which calls the real _worker.
+    dying = functools.partial(_die_on_test_00001, str(marker))
+    with mock.patch.object(P, "_worker", dying):
+        props, cached = load_or_compute(ds, DASK, tmp_path / "cache", workers=2)
+    assert not cached and marker.exists()  # one worker did die
+    assert props.sha1() == compute(ds, CFG, workers=1).sha1()  # the local pool's (shown above)
+    again, cached = load_or_compute(ds, CFG, tmp_path / "cache")
+    assert cached and again.sha1() == props.sha1()
+
+
 # --- worker processes and the parent's death or interruption (Linux: /proc, prctl) ---
 
 _CHILD = textwrap.dedent(
@@ -215,10 +294,11 @@ _CHILD = textwrap.dedent(
     import sys
 
     from datasets.voc import VOCDataset
+    from pipelines import executors
     from pipelines import proposals as P
 
 
-    def announce(items, *args, **kwargs):  # stands in for compute()'s progress bar
+    def announce(items, *args, **kwargs):  # stands in for the executors' progress bar
         for i, item in enumerate(items):
             yield item
             if i == 0:  # the first image is done: the pool and its workers are running
@@ -226,9 +306,10 @@ _CHILD = textwrap.dedent(
 
 
     if __name__ == "__main__":
-        P.progress = announce
+        executors.progress = announce
         ds = VOCDataset(sys.argv[1], "test")
-        P.compute(ds, P.ProposalConfig(mode="quality", resize_max_side=160), workers=2)
+        cfg = P.ProposalConfig(mode="quality", resize_max_side=160, executor=sys.argv[2])
+        P.compute(ds, cfg, workers=2)
         print("finished", flush=True)
     """
 )
@@ -272,10 +353,11 @@ def _wait_dead(procs: dict[int, str], seconds: float) -> list[int]:
     return left
 
 
-@pytest.fixture
-def running_child(tmp_path):
+@pytest.fixture(params=["local", "dask"])
+def running_child(tmp_path, request):
     """(child process, {worker pid: start tick}) of a Python child whose compute() runs 2 workers
-    on 32 images of about 0.5 s each; the child and workers are killed afterwards if still there."""
+    (a local pool, or a Dask LocalCluster) on 32 images of about 0.5 s each; the child and workers
+    are killed afterwards if still there."""
     root = tmp_path / "voc"
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
         (root / sub).mkdir(parents=True)
@@ -295,7 +377,7 @@ def running_child(tmp_path):
     script.write_text(_CHILD)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen(
-        [sys.executable, str(script), str(root)],
+        [sys.executable, str(script), str(root), request.param],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
