@@ -41,6 +41,7 @@ __all__ = [
     "draw_image",
     "head_detections",
     "head_loss",
+    "images_in_band",
     "new_heads",
     "pad_images",
     "pool_rois",
@@ -243,6 +244,25 @@ def head_detections(
         return select(boxes, probs[rows, cls], cls + 1, size, cfg.nms_iou, cfg.max_per_class)
 
 
+def images_in_band(
+    matches: list[Matches], fg_iou: float, bg_iou: tuple[float, float], pipeline: str
+) -> list[int]:
+    """The training images with at least one RoI in the foreground or the background band: the others
+    (only difficult objects, say) would give an empty batch.
+
+    Raises:
+        ValueError: there is none (the message names ``pipeline``).
+    """
+    usable = [
+        i
+        for i, m in enumerate(matches)
+        if bool(((m.iou >= fg_iou) | ((m.iou >= bg_iou[0]) & (m.iou < bg_iou[1]))).any())
+    ]
+    if not usable:
+        raise ValueError(f"{pipeline}: no training image has a foreground or background RoI")
+    return usable
+
+
 def draw_image(order: list[int], pool: list[int], gen: torch.Generator) -> int:
     """The next training image: ``pool`` visited in a fresh random order each epoch (``order`` holds
     what is left of the current epoch, and is consumed)."""
@@ -301,14 +321,7 @@ class FastRCNN(Detector):
             rois.append(r)
             gts.append(gt_boxes)
             matches.append(match(r, gt_boxes, gt_labels, cfg.fg_iou))
-        # Images with no RoI in either band (only difficult objects, say) would give an empty batch.
-        in_band = [
-            (m.iou >= cfg.fg_iou) | ((m.iou >= cfg.bg_iou[0]) & (m.iou < cfg.bg_iou[1]))
-            for m in matches
-        ]
-        usable = [i for i, band in enumerate(in_band) if bool(band.any())]
-        if not usable:
-            raise ValueError("fast_rcnn: no training image has a foreground or background RoI")
+        usable = images_in_band(matches, cfg.fg_iou, cfg.bg_iou, self.name)
         gen = torch.Generator().manual_seed(cfg.solver.seed)
         order: list[int] = []
         self.net.train()
