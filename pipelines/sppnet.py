@@ -15,9 +15,14 @@ new Linear(C*L, E), weights kaiming-normal from a generator seeded with ``fc6_se
 original's fc6 was trained on ImageNet on top of the pyramid; no such weights exist here). Everything
 after fc6 (its ReLU, fc7, dropout) is the shared head's.
 
-Training stages: "conv" runs the frozen trunk once over the training images and keeps the maps in memory
-(float16, like R-CNN's feature cache; about 2 MB per VGG16 image at 600 pixels): the conv layers never
-change, which is SPPnet's speed and its limit. "finetune" trains fc6, fc7 and a K+1 softmax layer on
+Training stages: "pretrain" (only with ``pretrain_iters`` > 0) stands in for the ImageNet pre-training
+the original's conv layers had, for a shared backbone that starts from random weights (the CPU default):
+the fine-tuning loss below with the trunk trained too, conv maps computed afresh; its time is recorded
+but left out of the paper-schedule hours, as the paper leaves out ImageNet. Random conv features are
+nearly useless frozen: without it SPPnet scores about 0.01 mAP on the default data. "conv" then runs the
+frozen trunk once over the training images and keeps the maps in memory (float16, like R-CNN's feature
+cache; about 2 MB per VGG16 image at 600 pixels): from here on the conv layers never change, which is
+SPPnet's speed and its limit. "finetune" trains fc6, fc7 and a K+1 softmax layer on
 RoIs sampled as Fast R-CNN's mini-batches (2 images x 64, 25% foreground at IoU >= 0.5, background in
 [0.1, 0.5); no flips, so one map per image). "features", "svm", "bbox_reg" are R-CNN's
 (pipelines.rcnn.train_svm_head): SVMs on fc7, box regressors on the pyramid (as R-CNN uses pool5).
@@ -127,7 +132,14 @@ class SPPnet(Detector):
     label = "SPPnet"
     config_class = SPPnetConfig
     variants = ("no_bbox_reg",)
-    train_stages = ("conv", "finetune", "features", "svm", "bbox_reg")
+    train_stages = (
+        "pretrain",
+        "conv",
+        "finetune",
+        "features",
+        "svm",
+        "bbox_reg",
+    )  # pretrain: if set
     stage_groups: ClassVar[dict[str, str]] = {
         "preprocess": "other",
         "conv": "conv",
