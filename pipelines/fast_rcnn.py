@@ -237,7 +237,7 @@ def head_detections(
         probs = F.softmax(heads[0](fc7), dim=1)[:, 1:]  # (R, K)
         rows, cls = candidates(probs, cfg.score_thresh)
     with timer.stage("bbox_reg"):
-        deltas = heads[1](fc7[rows]).reshape(len(rows), -1, 4)
+        deltas = heads[1](fc7[rows]).reshape(len(rows), probs.shape[1], 4)  # (M, K, 4)
         deltas = deltas[torch.arange(len(rows), device=deltas.device), cls]  # (M, 4)
         boxes = decode_deltas(proposals[rows], deltas, cfg.bbox_stds)
     with timer.stage("nms"):

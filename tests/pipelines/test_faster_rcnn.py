@@ -178,3 +178,13 @@ def test_head_batch_from_no_proposals_is_the_ground_truth():
     order = torch.argsort(labels, descending=True)
     assert_close(rois[order], torch.tensor([[0.0, 10, 10, 50, 40], [0, 60, 5, 90, 70]]))
     assert labels[order].tolist() == [3, 1] and targets.abs().sum() == 0
+
+
+def test_no_candidate_above_the_score_threshold_gives_no_detections():
+    # A softmax probability never exceeds 1: every RPN proposal is dropped before box regression.
+    cfg = FasterRCNNConfig(scale=64, max_size=128, anchor_sizes=(16, 32, 64), score_thresh=1.0)
+    det = FasterRCNN(cfg, build_context(4))
+    image = torch.randint(0, 256, (64, 96, 3), dtype=torch.uint8)
+    t = StageTimer("cpu")
+    d = det.detect(image, None, t)
+    assert d.boxes.shape == (0, 4) and set(t.seconds) == set(FasterRCNN.stage_groups)
