@@ -29,6 +29,7 @@ Test: the top 300 proposals after NMS, then Fast R-CNN's test steps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -198,7 +199,9 @@ class FasterRCNN(Detector):
             "final_rpn_loss": float(np.mean(rpn_losses[-50:])),
         }
 
-    def _loss_fn(self, data: TrainData, usable: list[int], rpn_losses: list[float]):
+    def _loss_fn(
+        self, data: TrainData, usable: list[int], rpn_losses: list[float]
+    ) -> Callable[[int], Tensor]:
         """The mini-batch loss for run_sgd; appends each batch's RPN loss to ``rpn_losses``."""
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.solver.seed)
