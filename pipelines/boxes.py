@@ -92,7 +92,7 @@ def decode_deltas(
         Tensor with the shape of ``deltas``: decoded xyxy boxes.
     """
     n = deltas.shape[0]
-    d = deltas.reshape(n, -1, 4) * deltas.new_tensor(stds)  # (N, K, 4)
+    d = deltas.reshape(n, deltas.shape[1] // 4, 4) * deltas.new_tensor(stds)  # (N, K, 4)
     px, py, pw, ph = (t[:, None] for t in _centres(proposals.to(deltas.dtype)))
     cx = px + pw * d[..., 0]
     cy = py + ph * d[..., 1]

@@ -24,7 +24,12 @@ if TYPE_CHECKING:
 __all__ = ["BUILTIN_MODULES", "BuildContext", "PaperFigures", "get", "register", "registered"]
 
 # The modules that define the built-in pipelines; importing them registers their classes.
-BUILTIN_MODULES = ("pipelines.rcnn", "pipelines.fast_rcnn")
+BUILTIN_MODULES = (
+    "pipelines.rcnn",
+    "pipelines.fast_rcnn",
+    "pipelines.sppnet",
+    "pipelines.faster_rcnn",
+)
 
 # The pipeline speedups are measured against unless a config says otherwise.
 DEFAULT_BASELINE = "rcnn"

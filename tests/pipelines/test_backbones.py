@@ -22,12 +22,14 @@ def test_both_detectors_start_from_the_same_weights():
     cfg = RunConfig()
     backbone = build_backbone(cfg.backbone)
     dets = build_pipelines(cfg, backbone, num_classes=4, device=torch.device("cpu"))
-    r, f = (d.net.state_dict() for d in dets.values())
+    r, f = (dets[name].net.state_dict() for name in ("rcnn", "fast_rcnn"))
     assert r.keys() == f.keys()
     assert all(torch.equal(r[k], f[k]) for k in r)
     assert dets["rcnn"].net is not dets["fast_rcnn"].net  # independent copies
     assert weights_sha1(dets["rcnn"].net) == weights_sha1(dets["fast_rcnn"].net)
     assert weights_sha1(dets["rcnn"].net) == weights_sha1(backbone)
+    assert weights_sha1(dets["faster_rcnn"].net) == weights_sha1(backbone)
+    assert weights_sha1(dets["sppnet"].trunk) == weights_sha1(backbone.trunk)  # its fc6 is its own
 
 
 @pytest.mark.parametrize("name, pool, size", [("alexnet", 6, 227), ("vgg16", 7, 224)])
