@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -36,7 +37,17 @@ from pipelines.timing import StageTimer
 from pipelines.training import SolverConfig, run_sgd
 from pipelines.warp import warp_regions
 
-__all__ = ["RCNN", "FeatureCache", "RCNNConfig"]
+__all__ = [
+    "RCNN",
+    "FeatureCache",
+    "RCNNConfig",
+    "SVMHead",
+    "SVMSettings",
+    "cache_features",
+    "svm_detections",
+    "train_svm_head",
+    "training_regions",
+]
 
 
 @dataclass(frozen=True)
@@ -62,7 +73,8 @@ class RCNNConfig:
 
 @dataclass
 class FeatureCache:
-    """R-CNN's training-set features on disk, and what the SVMs and box regressors need of each region.
+    """Training-set features on disk, and what the SVMs and box regressors need of each region (R-CNN's,
+    and SPPnet's, which trains the same SVMs and regressors on its own features).
 
     Attributes:
         folder: where the files are.
@@ -71,7 +83,8 @@ class FeatureCache:
         neg_masks: per image, bool (R, K): which regions are SVM negatives of which class.
         pos_rows: int64 (P,): the rows of the ground-truth regions (the SVM positives).
         pos_labels: int64 (P,): their classes 1..K.
-        pool5: float16 (M, C*P*P), memory-mapped: pool5 of the box-regression examples.
+        pool5: float16 (M, F), memory-mapped: the box-regression features of the examples (R-CNN's
+            pool5, F = C*P*P; SPPnet's pooled pyramid).
         reg_boxes, reg_gt, reg_labels, reg_iou: the examples' regions (M, 4), best ground-truth boxes
             (M, 4), classes (M,) and overlaps (M,).
         fc7_scale, pool5_scale: the factors that bring the mean L2 norm of each to ``feature_norm``.
@@ -102,6 +115,215 @@ class FeatureCache:
         """Image i's scaled fc7 (R, D) float32 and negative mask (R, K): what SVM mining visits."""
         rows = slice(self.offsets[i], self.offsets[i + 1])
         return np.asarray(self.fc7[rows], np.float32) * self.fc7_scale, self.neg_masks[i]
+
+
+class SVMSettings(Protocol):
+    """The settings the SVM stage reads from a pipeline's config (RCNNConfig, SPPnetConfig)."""
+
+    feature_norm: float
+    svm: SVMConfig
+    svm_neg_iou: float
+    bbox_lambda: float
+    bbox_min_iou: float
+    keep_feature_cache: bool
+    score_thresh: float
+    nms_iou: float
+    max_per_class: int
+
+
+@dataclass
+class SVMHead:
+    """What the SVM stage trains: per-class SVMs on scaled fc7 and box regressors on scaled features.
+
+    Attributes:
+        weight: Tensor[D, K]; bias: Tensor[K]: the SVMs.
+        fc7_scale: the factor that brings fc7's mean L2 norm to ``feature_norm``.
+        reg_scale: the same factor for the box-regression features (R-CNN's pool5).
+        regressors: the class-specific box regressors.
+    """
+
+    weight: Tensor
+    bias: Tensor
+    fc7_scale: float
+    reg_scale: float
+    regressors: BoxRegressors
+
+    def to(self, device: torch.device) -> SVMHead:
+        return SVMHead(
+            self.weight.to(device),
+            self.bias.to(device),
+            self.fc7_scale,
+            self.reg_scale,
+            self.regressors.to(device),
+        )
+
+
+# Returns fc7 (R, D) and the box-regression features (R, F) of image i's boxes (R, 4).
+FeatureFn = Callable[[int, Tensor], tuple[Tensor, Tensor]]
+
+
+def train_svm_head(
+    features_of: FeatureFn,
+    fc_dim: int,
+    data: TrainData,
+    regions: tuple[list[Tensor], list[tuple[Tensor, Tensor]], list[Matches]],
+    cfg: SVMSettings,
+    work: Path,
+    timer: StageTimer,
+) -> tuple[SVMHead, dict]:
+    """R-CNN's steps after fine-tuning, which SPPnet repeats on its own features: extract every training
+    region's features into an on-disk cache ("features"), mine hard negatives for the SVMs ("svm"), fit
+    the box regressors ("bbox_reg"); the cache is removed afterwards unless ``keep_feature_cache``.
+
+    Args:
+        features_of: the features of image i's boxes.
+        fc_dim: D, the width of the fc7 it returns.
+        data: the training split.
+        regions: per image, its training regions (Tensor[R, 4], ground truth first), ground-truth boxes
+            and labels, and the regions' matches to them.
+        cfg: the pipeline's settings.
+        work: the cache folder to create.
+        timer: receives the three stages.
+
+    Returns:
+        (the trained head, facts to record: cache size, feature scales, mining records, examples).
+    """
+    try:
+        with timer.stage("features"):
+            cache = cache_features(features_of, fc_dim, data, *regions, cfg, work)
+        with timer.stage("svm"):
+            pos_all = np.asarray(cache.fc7[cache.pos_rows], np.float32) * cache.fc7_scale
+            positives = [pos_all[cache.pos_labels == j + 1] for j in range(data.num_classes)]
+            w, b, records = train_svms(positives, cache, cfg.svm)
+        with timer.stage("bbox_reg"):
+            regressors = fit_box_regressors(
+                np.asarray(cache.pool5, np.float32) * cache.pool5_scale,
+                cache.reg_boxes,
+                cache.reg_gt,
+                cache.reg_labels,
+                cache.reg_iou,
+                data.num_classes,
+                lam=cfg.bbox_lambda,
+                min_iou=cfg.bbox_min_iou,
+            )
+        cache_bytes = cache.bytes
+    finally:
+        if not cfg.keep_feature_cache:
+            shutil.rmtree(work, ignore_errors=True)
+    head = SVMHead(
+        torch.from_numpy(w), torch.from_numpy(b), cache.fc7_scale, cache.pool5_scale, regressors
+    )
+    info = {
+        "feature_cache_bytes": cache_bytes,
+        "feature_cache_regions": int(cache.offsets[-1]),
+        "feature_norm_scale": {"fc7": cache.fc7_scale, "pool5": cache.pool5_scale},
+        "svm": [{"class": j + 1, **asdict(r)} for j, r in enumerate(records)],
+        "bbox_examples": regressors.examples,
+    }
+    return head, info
+
+
+def cache_features(
+    features_of: FeatureFn,
+    fc_dim: int,
+    data: TrainData,
+    rois: list[Tensor],
+    gts: list[tuple[Tensor, Tensor]],
+    matches: list[Matches],
+    cfg: SVMSettings,
+    work: Path,
+) -> FeatureCache:
+    """Write fc7 of every training region and the regression features of the box-regression examples
+    to disk (float16). Which regions are SVM negatives (pipelines.svm.negative_mask) and which are
+    box-regression examples (pipelines.bbox_regression.regression_examples) is decided by those
+    modules; this only extracts and stores."""
+    work.mkdir(parents=True, exist_ok=True)
+    offsets = np.cumsum([0] + [len(r) for r in rois])
+    fc7_file = np.lib.format.open_memmap(
+        work / "fc7.npy", "w+", np.float16, (int(offsets[-1]), fc_dim)
+    )
+    examples, reg_feats, neg_masks = [], [], []
+    norm7 = norm5 = 0.0
+    for i in progress(range(len(rois)), f"{work.name.split('-')[0]} features", "img"):
+        fc7, pool5 = (f.cpu() for f in features_of(i, rois[i]))
+        fc7_file[offsets[i] : offsets[i + 1]] = fc7.numpy().astype(np.float16)
+        norm7 += float(fc7.norm(dim=1).sum())
+        norm5 += float(pool5.norm(dim=1).sum())
+        ann = data.annotations[i]
+        neg_masks.append(
+            negative_mask(rois[i], ann.boxes, ann.labels, data.num_classes, cfg.svm_neg_iou)
+        )
+        ex = regression_examples(matches[i], *gts[i], cfg.bbox_min_iou)
+        examples.append(ex)
+        reg_feats.append(pool5[torch.from_numpy(ex.rows)].numpy().astype(np.float16))
+    fc7_file.flush()
+    np.save(work / "pool5.npy", np.concatenate(reg_feats))
+    n = max(int(offsets[-1]), 1)
+    all_rois = torch.cat(rois).numpy()
+    pos = [offsets[i] + np.arange(len(gt)) for i, (gt, _) in enumerate(gts)]  # gt rows first
+    return FeatureCache(
+        folder=work,
+        offsets=offsets,
+        fc7=np.load(work / "fc7.npy", mmap_mode="r"),
+        neg_masks=neg_masks,
+        pos_rows=np.concatenate(pos).astype(np.int64),
+        pos_labels=np.concatenate([lab.numpy() for _, lab in gts]).astype(np.int64),
+        pool5=np.load(work / "pool5.npy", mmap_mode="r"),
+        reg_boxes=all_rois[np.concatenate([ex.rows + offsets[i] for i, ex in enumerate(examples)])],
+        reg_gt=np.concatenate([ex.gt_boxes for ex in examples]),
+        reg_labels=np.concatenate([ex.labels for ex in examples]),
+        reg_iou=np.concatenate([ex.iou for ex in examples]),
+        fc7_scale=cfg.feature_norm / max(norm7 / n, 1e-12),
+        pool5_scale=cfg.feature_norm / max(norm5 / n, 1e-12),
+    )
+
+
+def svm_detections(
+    fc7: Tensor,
+    reg_features: Tensor,
+    proposals: Tensor,
+    head: SVMHead,
+    cfg: SVMSettings,
+    size: tuple[int, int],
+    timer: StageTimer,
+    regress: bool = True,
+) -> Detections:
+    """The test-time steps after the features: SVM scores ("classifier"), box regression of the kept
+    (region, class) pairs ("bbox_reg"), NMS ("nms").
+
+    Args:
+        fc7 (Tensor[R, D]), reg_features (Tensor[R, F]): the proposals' features, unscaled.
+        proposals (Tensor[R, 4]): in image pixels.
+        head: the trained SVMs and regressors, on the features' device.
+        cfg: score threshold, NMS overlap, detections kept per class.
+        size: the image's (H, W).
+        timer: receives the three stages.
+        regress: False leaves the boxes where the proposals are (the "no_bbox_reg" variant).
+    """
+    with timer.stage("classifier"):
+        scores = (fc7 * head.fc7_scale) @ head.weight + head.bias  # (R, K)
+        rows, cls = candidates(scores, cfg.score_thresh)
+    with timer.stage("bbox_reg"):
+        boxes = proposals[rows]
+        if regress:
+            boxes = head.regressors.predict(reg_features[rows] * head.reg_scale, boxes, cls)
+    with timer.stage("nms"):
+        return select(boxes, scores[rows, cls], cls + 1, size, cfg.nms_iou, cfg.max_per_class)
+
+
+def training_regions(
+    data: TrainData, fg_iou: float
+) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]], list[Matches]]:
+    """Per image: the training regions (ground truth first, then the shared proposals), the ground
+    truth (boxes, labels), and each region's match at ``fg_iou``; matched once and shared between
+    fine-tuning and the feature cache."""
+    rois, gts, matches = [], [], []
+    for i, props in enumerate(data.proposals):
+        gt_boxes, gt_labels = data.ground_truth(i)
+        rois.append(with_ground_truth(torch.from_numpy(props), gt_boxes))
+        gts.append((gt_boxes, gt_labels))
+        matches.append(match(rois[i], gt_boxes, gt_labels, fg_iou))
+    return rois, gts, matches
 
 
 @register
@@ -138,11 +360,7 @@ class RCNN(Detector):
         nn.init.normal_(self.cls.weight, std=0.01)
         nn.init.zeros_(self.cls.bias)
         self.cache_dir = Path(context.cache_dir)
-        self.svm_w: Tensor | None = None  # (D, K)
-        self.svm_b: Tensor | None = None  # (K,)
-        self.fc7_scale = 1.0
-        self.pool5_scale = 1.0
-        self.regressors: BoxRegressors | None = None
+        self.svms: SVMHead | None = None
 
     # Box-regression examples (IoU > 0.6 with a ground-truth box) are a small share of the regions:
     # the disk estimate allows this much of them.
@@ -187,36 +405,21 @@ class RCNN(Detector):
     # -- training ---------------------------------------------------------------------------------
 
     def fit(self, data: TrainData, timer: StageTimer) -> dict:
-        rois, gts, matches = [], [], []
-        for i, props in enumerate(data.proposals):
-            gt_boxes, gt_labels = data.ground_truth(i)
-            rois.append(with_ground_truth(torch.from_numpy(props), gt_boxes))
-            gts.append((gt_boxes, gt_labels))
-            matches.append(match(rois[i], gt_boxes, gt_labels, self.cfg.fg_iou))
+        regions = training_regions(data, self.cfg.fg_iou)
         with timer.stage("finetune"):
-            losses = self._finetune(data, rois, matches)
+            losses = self._finetune(data, regions[0], regions[2])
+
+        def features_of(i: int, boxes: Tensor) -> tuple[Tensor, Tensor]:
+            image = normalize_image(torch.from_numpy(data.images[i]).to(self.device))
+            return self._features(image, boxes.to(self.device), StageTimer(self.device))
+
         # The process id ends the name: a later run removes the folder if this process was killed.
         work = self.cache_dir / f"rcnn-features-{id(self):x}-work-{os.getpid()}"
-        try:
-            with timer.stage("features"):
-                cache = self._cache_features(data, rois, gts, matches, work)
-            self.fc7_scale, self.pool5_scale = cache.fc7_scale, cache.pool5_scale
-            with timer.stage("svm"):
-                records = self._train_svms(cache)
-            with timer.stage("bbox_reg"):
-                self._train_regressors(cache)
-            cache_bytes = cache.bytes
-        finally:
-            if not self.cfg.keep_feature_cache:
-                shutil.rmtree(work, ignore_errors=True)
-        return {
-            "finetune_final_loss": float(np.mean(losses[-50:])),
-            "feature_cache_bytes": cache_bytes,
-            "feature_cache_regions": int(cache.offsets[-1]),
-            "feature_norm_scale": {"fc7": self.fc7_scale, "pool5": self.pool5_scale},
-            "svm": [{"class": j + 1, **asdict(r)} for j, r in enumerate(records)],
-            "bbox_examples": self.regressors.examples,
-        }
+        svms, info = train_svm_head(
+            features_of, self.net.fc_dim, data, regions, self.cfg, work, timer
+        )
+        self.svms = svms.to(self.device)
+        return {"finetune_final_loss": float(np.mean(losses[-50:])), **info}
 
     def _finetune(self, data: TrainData, rois: list[Tensor], matches: list[Matches]):
         """K+1-way softmax fine-tuning on warped regions drawn across the whole training set."""
@@ -250,84 +453,6 @@ class RCNN(Detector):
         self.net.eval()
         return losses
 
-    def _cache_features(
-        self,
-        data: TrainData,
-        rois: list[Tensor],
-        gts: list[tuple[Tensor, Tensor]],
-        matches: list[Matches],
-        work: Path,
-    ) -> FeatureCache:
-        """Write fc7 of every training region and pool5 of the box-regression examples to disk
-        (float16). Which regions are SVM negatives (pipelines.svm.negative_mask) and which are
-        box-regression examples (pipelines.bbox_regression.regression_examples) is decided by those
-        modules; this only extracts and stores."""
-        cfg = self.cfg
-        work.mkdir(parents=True, exist_ok=True)
-        offsets = np.cumsum([0] + [len(r) for r in rois])
-        fc7_file = np.lib.format.open_memmap(
-            work / "fc7.npy", "w+", np.float16, (int(offsets[-1]), self.net.fc_dim)
-        )
-        examples, reg_feats, neg_masks = [], [], []
-        norm7 = norm5 = 0.0
-        for i in progress(range(len(rois)), "rcnn features", "img"):
-            image = normalize_image(torch.from_numpy(data.images[i]).to(self.device))
-            fc7, pool5 = self._features(image, rois[i].to(self.device), StageTimer(self.device))
-            fc7, pool5 = fc7.cpu(), pool5.cpu()
-            fc7_file[offsets[i] : offsets[i + 1]] = fc7.numpy().astype(np.float16)
-            norm7 += float(fc7.norm(dim=1).sum())
-            norm5 += float(pool5.norm(dim=1).sum())
-            ann = data.annotations[i]
-            neg_masks.append(
-                negative_mask(rois[i], ann.boxes, ann.labels, self.num_classes, cfg.svm_neg_iou)
-            )
-            ex = regression_examples(matches[i], *gts[i], cfg.bbox_min_iou)
-            examples.append(ex)
-            reg_feats.append(pool5[torch.from_numpy(ex.rows)].numpy().astype(np.float16))
-        fc7_file.flush()
-        np.save(work / "pool5.npy", np.concatenate(reg_feats))
-        n = max(int(offsets[-1]), 1)
-        all_rois = torch.cat(rois).numpy()
-        pos = [offsets[i] + np.arange(len(gt)) for i, (gt, _) in enumerate(gts)]  # gt rows first
-        return FeatureCache(
-            folder=work,
-            offsets=offsets,
-            fc7=np.load(work / "fc7.npy", mmap_mode="r"),
-            neg_masks=neg_masks,
-            pos_rows=np.concatenate(pos).astype(np.int64),
-            pos_labels=np.concatenate([lab.numpy() for _, lab in gts]).astype(np.int64),
-            pool5=np.load(work / "pool5.npy", mmap_mode="r"),
-            reg_boxes=all_rois[
-                np.concatenate([ex.rows + offsets[i] for i, ex in enumerate(examples)])
-            ],
-            reg_gt=np.concatenate([ex.gt_boxes for ex in examples]),
-            reg_labels=np.concatenate([ex.labels for ex in examples]),
-            reg_iou=np.concatenate([ex.iou for ex in examples]),
-            fc7_scale=cfg.feature_norm / max(norm7 / n, 1e-12),
-            pool5_scale=cfg.feature_norm / max(norm5 / n, 1e-12),
-        )
-
-    def _train_svms(self, cache: FeatureCache):
-        pos_all = np.asarray(cache.fc7[cache.pos_rows], np.float32) * cache.fc7_scale
-        positives = [pos_all[cache.pos_labels == j + 1] for j in range(self.num_classes)]
-        w, b, records = train_svms(positives, cache, self.cfg.svm)
-        self.svm_w = torch.from_numpy(w).to(self.device)
-        self.svm_b = torch.from_numpy(b).to(self.device)
-        return records
-
-    def _train_regressors(self, cache: FeatureCache) -> None:
-        feats = np.asarray(cache.pool5, np.float32) * cache.pool5_scale
-        self.regressors = fit_box_regressors(
-            feats,
-            cache.reg_boxes,
-            cache.reg_gt,
-            cache.reg_labels,
-            cache.reg_iou,
-            self.num_classes,
-            lam=self.cfg.bbox_lambda,
-            min_iou=self.cfg.bbox_min_iou,
-        ).to(self.device)
-
     def paper_schedule(self, stages_s: dict[str, float]) -> dict:
         other = sum(v for name, v in stages_s.items() if name != "finetune")
         return self.cfg.solver.paper_schedule(stages_s["finetune"], other)
@@ -341,16 +466,6 @@ class RCNN(Detector):
         with timer.stage("preprocess"):
             x = normalize_image(image)
         fc7, pool5 = self._features(x, proposals, timer)
-        with timer.stage("classifier"):
-            scores = (fc7 * self.fc7_scale) @ self.svm_w + self.svm_b  # (R, K)
-            rows, cls = candidates(scores, self.cfg.score_thresh)
-        with timer.stage("bbox_reg"):
-            boxes = proposals[rows]
-            if variant != "no_bbox_reg":
-                feats = pool5[rows] * self.pool5_scale
-                boxes = self.regressors.predict(feats, boxes, cls)
-        with timer.stage("nms"):
-            size = (image.shape[0], image.shape[1])
-            return select(
-                boxes, scores[rows, cls], cls + 1, size, self.cfg.nms_iou, self.cfg.max_per_class
-            )
+        size = (image.shape[0], image.shape[1])
+        regress = variant != "no_bbox_reg"
+        return svm_detections(fc7, pool5, proposals, self.svms, self.cfg, size, timer, regress)

@@ -183,7 +183,7 @@ def test_zero_byte_image_in_a_worker_names_the_file(tiny_voc, tmp_path):
     broken.write_bytes(b"")
     with pytest.raises(DatasetError) as err:
         compute(ds, CFG, workers=2)
-    assert str(err.value) == f"{broken}: image cannot be decoded (corrupt or not an image)"
+    assert str(err.value) == f"{broken}: image file is empty (0 bytes)"
     assert err.value.path == str(broken)
 
 
@@ -218,7 +218,7 @@ _CHILD = textwrap.dedent(
     from pipelines import proposals as P
 
 
-    def announce(items, **kwargs):  # stands in for compute()'s progress bar
+    def announce(items, *args, **kwargs):  # stands in for compute()'s progress bar
         for i, item in enumerate(items):
             yield item
             if i == 0:  # the first image is done: the pool and its workers are running
@@ -226,7 +226,7 @@ _CHILD = textwrap.dedent(
 
 
     if __name__ == "__main__":
-        P.tqdm = announce
+        P.progress = announce
         ds = VOCDataset(sys.argv[1], "test")
         P.compute(ds, P.ProposalConfig(mode="quality", resize_max_side=160), workers=2)
         print("finished", flush=True)
