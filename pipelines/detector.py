@@ -191,11 +191,11 @@ class Detector(abc.ABC):
 
     def pass_state(self) -> ScoreBudget | None:
         """A copy of the running pass's budget (None outside a pass or in "fixed" test_topk)."""
-        return copy.deepcopy(self._budget)
+        return None if self._budget is None else self._budget.copy()
 
     def restore_pass_state(self, state: ScoreBudget | None) -> None:
         """Put back a state from ``pass_state``: a repeated run of an image then counts once."""
-        self._budget = copy.deepcopy(state)
+        self._budget = None if state is None else state.copy()
 
     def test_budget(self) -> ScoreBudget | None:
         """What ``detect`` chooses candidates with: None in "fixed" test_topk; in "adaptive", the
@@ -317,6 +317,13 @@ class ScoreBudget:
                 self._record(j, [v for v in column if v > -math.inf])
         cls = torch.arange(scores.shape[1], device=scores.device).expand_as(rows)
         return rows[keep], cls[keep]
+
+    def copy(self) -> ScoreBudget:
+        """An independent copy (the heaps hold floats: copying the lists is enough)."""
+        out = copy.copy(self)
+        out.thresholds, out.counts = list(self.thresholds), list(self.counts)
+        out.kept = [list(heap) for heap in self.kept]
+        return out
 
     def _record(self, j: int, kept: list[float]) -> None:
         heap = self.kept[j]
