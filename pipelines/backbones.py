@@ -20,7 +20,15 @@ import torch
 from torch import Tensor, nn
 from torchvision import models
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Backbone", "BackboneConfig", "build_backbone"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Backbone",
+    "BackboneConfig",
+    "build_backbone",
+    "layer_multipliers",
+    "trunk_convs",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -71,6 +79,31 @@ class Backbone(nn.Module):
     def forward(self, pool5: Tensor) -> Tensor:
         """fc7 of pooled features: (N, C, P, P) -> (N, D)."""
         return self.head(pool5.flatten(1))
+
+
+def trunk_convs(backbone: Backbone) -> list[nn.Conv2d]:
+    """The trunk's convolutions in order (VGG16's 13, conv1_1 to conv5_3; AlexNet's 5; tiny's 5): the
+    trunk's only layers with parameters."""
+    return [m for m in backbone.trunk.modules() if isinstance(m, nn.Conv2d)]
+
+
+def layer_multipliers(backbone: Backbone, frozen_convs: int) -> list[tuple[nn.Module, float]]:
+    """(layer, learning-rate multiplier) pairs covering every parameter of ``backbone``, for
+    pipelines.training.param_groups: the first ``frozen_convs`` convolutions at 0 (frozen), the other
+    convolutions and the fc head at 1.
+
+    Raises:
+        ValueError: ``frozen_convs`` is negative or more than the trunk has.
+    """
+    convs = trunk_convs(backbone)
+    if not 0 <= frozen_convs <= len(convs):
+        raise ValueError(
+            f"frozen_convs: {frozen_convs} asked for, but the trunk has {len(convs)} convolutions"
+        )
+    layers: list[tuple[nn.Module, float]] = [
+        (conv, 0.0 if k < frozen_convs else 1.0) for k, conv in enumerate(convs)
+    ]
+    return [*layers, (backbone.head, 1.0)]
 
 
 def _tiny(cfg: BackboneConfig) -> Backbone:

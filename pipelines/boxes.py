@@ -18,6 +18,7 @@ __all__ = [
     "boxes_to_rois",
     "clip_boxes",
     "decode_deltas",
+    "dedup_rois",
     "encode_deltas",
     "flip_boxes",
     "min_side_keep",
@@ -126,6 +127,37 @@ def unique_boxes(boxes: Tensor) -> Tensor:
     first = torch.full((int(inverse.max()) + 1,), boxes.shape[0], dtype=torch.long)
     first.scatter_reduce_(0, inverse, torch.arange(boxes.shape[0]), reduce="amin")
     return first.sort().values
+
+
+def dedup_rois(boxes: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Group the boxes that coincide once scaled by ``scale`` and rounded: RoI pooling at that spatial
+    scale reads them from the same cells, so they pool to the same values (Fast R-CNN's DEDUP_BOXES).
+
+    Halves round up, as torchvision's roi_pool rounds a non-negative coordinate (C's round()); the
+    original hashed with NumPy's round-half-to-even, which can split a group pooling would merge.
+
+    Args:
+        boxes (Tensor[R, 4]): xyxy boxes with non-negative coordinates, in the pooled image's pixels.
+        scale: the pooling's spatial scale (1/16).
+
+    Returns:
+        (Tensor[U], Tensor[R]): the index of each group's first box (ascending), and the group of each
+        box, so that ``boxes[first][group]`` gives each box its group's first box.
+    """
+    r = boxes.shape[0]
+    if r == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=boxes.device)
+        return empty, empty
+    x = boxes * scale
+    keys = torch.where(x - x.floor() == 0.5, x.ceil(), x.round())
+    _, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    arange = torch.arange(r, device=boxes.device)
+    first = torch.full((int(inverse.max()) + 1,), r, dtype=torch.long, device=boxes.device)
+    first.scatter_reduce_(0, inverse, arange, reduce="amin")
+    order = torch.argsort(first)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=boxes.device)
+    return first[order], rank[inverse]
 
 
 def boxes_to_rois(boxes: list[Tensor]) -> Tensor:

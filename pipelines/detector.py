@@ -6,6 +6,9 @@ Shapes: R proposals, K object classes (labels 1..K, background 0), M candidate d
 from __future__ import annotations
 
 import abc
+import copy
+import heapq
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -17,10 +20,26 @@ from torchvision.ops import batched_nms
 from datasets.voc import Annotation
 from pipelines.backbones import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.boxes import clip_boxes
+from pipelines.fidelity import Setting, setting
 from pipelines.registry import BuildContext, PaperFigures
 from pipelines.timing import StageTimer
 
-__all__ = ["Detections", "Detector", "TrainData", "candidates", "normalize_image", "select"]
+__all__ = [
+    "TEST_TOPK",
+    "Detections",
+    "Detector",
+    "ScoreBudget",
+    "TrainData",
+    "candidates",
+    "normalize_image",
+    "select",
+    "test_time_rows",
+]
+
+# How test-time candidates are chosen (a pipeline config's ``test_topk``): "fixed" keeps the (region,
+# class) pairs above a fixed score and at most ``max_per_class`` per class after NMS; "adaptive" is the
+# originals' per-class budget (ScoreBudget).
+TEST_TOPK = ("fixed", "adaptive")
 
 
 @dataclass
@@ -91,6 +110,11 @@ class Detector(abc.ABC):
             table it comes from, for the report's trade-off table.
 
     ``fit`` records its stages in the timer it is given; ``detect`` records its inference stages.
+
+    A test pass (every test image once, scored together) is bracketed by ``start_pass`` and
+    ``finish_pass``: with the originals' adaptive candidate budget (``test_topk`` "adaptive" in the
+    config) ``detect`` updates per-class thresholds image by image and ``finish_pass`` applies the
+    final ones; without it both are no-ops.
     """
 
     name: ClassVar[str] = ""
@@ -105,10 +129,16 @@ class Detector(abc.ABC):
         dict[str, str]
     ] = {}  # a variant's published figure, where there is one
 
+    # In "adaptive" test_topk, whether the final prune keeps detections scoring exactly the class's
+    # threshold (R-CNN drops only those below it, rcnn_test.m:99; Fast R-CNN keeps those above it,
+    # lib/fast_rcnn/test.py:316).
+    keeps_threshold_ties: ClassVar[bool] = False
+
     def __init__(self, cfg: Any, context: BuildContext):
         self.cfg = cfg
         self.num_classes = context.num_classes
         self.device = context.device
+        self._budget: ScoreBudget | None = None  # the running test pass's, in "adaptive" test_topk
 
     def enabled_variants(self) -> tuple[str, ...]:
         """The variants this run times and scores: the config block's ``variants`` list when it has
@@ -140,6 +170,42 @@ class Detector(abc.ABC):
             "params": sum(t.numel() for t in tensors),
             "bytes": sum(t.numel() * t.element_size() for t in tensors),
         }
+
+    def start_pass(self, num_images: int) -> None:
+        """A test pass over ``num_images`` images begins: with ``test_topk`` "adaptive" in the config,
+        each class gets an empty budget of ``max_per_set_factor * num_images`` candidates and a
+        threshold of -inf; otherwise nothing."""
+        if getattr(self.cfg, "test_topk", "fixed") == "adaptive":
+            cfg = self.cfg
+            budget = cfg.max_per_set_factor * num_images
+            self._budget = ScoreBudget(self.num_classes, cfg.max_per_image, budget)
+
+    def finish_pass(self, detections: list[Detections]) -> list[Detections]:
+        """The pass is over: its detections (one per image, in the pass's order) pruned to the final
+        per-class thresholds in "adaptive" test_topk, unchanged otherwise. Ends the pass."""
+        if self._budget is None:
+            return detections
+        pruned = self._budget.prune(detections, self.keeps_threshold_ties)
+        self._budget = None
+        return pruned
+
+    def pass_state(self) -> ScoreBudget | None:
+        """A copy of the running pass's budget (None outside a pass or in "fixed" test_topk)."""
+        return None if self._budget is None else self._budget.copy()
+
+    def restore_pass_state(self, state: ScoreBudget | None) -> None:
+        """Put back a state from ``pass_state``: a repeated run of an image then counts once."""
+        self._budget = None if state is None else state.copy()
+
+    def test_budget(self) -> ScoreBudget | None:
+        """What ``detect`` chooses candidates with: None in "fixed" test_topk; in "adaptive", the
+        pass's budget, or outside a pass one that records nothing (the image is treated as a pass's
+        first: at most ``max_per_image`` per class, no threshold)."""
+        if getattr(self.cfg, "test_topk", "fixed") != "adaptive":
+            return None
+        if self._budget is not None:
+            return self._budget
+        return ScoreBudget(self.num_classes, self.cfg.max_per_image, None)
 
     @classmethod
     def fidelity(cls, cfg: Any) -> list:
@@ -211,6 +277,76 @@ def candidates(scores: Tensor, score_thresh: float) -> tuple[Tensor, Tensor]:
     return torch.nonzero(scores > score_thresh, as_tuple=True)
 
 
+class ScoreBudget:
+    """The originals' test-time candidate rule (rcnn_test.m:44-103, lib/fast_rcnn/test.py:251-317).
+
+    Per class, an image's candidates are its regions scoring above the class's threshold, at most
+    ``max_per_image`` of them (the highest), before NMS. Over a pass, a min-heap per class holds the
+    ``max_per_set`` highest candidate scores so far; once more than that many were kept, the threshold
+    is the heap's minimum, so it rises as the class's budget fills. At the end, ``prune`` drops the
+    detections below each class's final threshold. NMS and this prune commute (a detection removed by
+    the prune cannot have been needed to suppress one that stays, which scores no higher), so each
+    image's NMS may run at once.
+    """
+
+    def __init__(self, num_classes: int, max_per_image: int, max_per_set: int | None):
+        """``max_per_set`` None: a budget that records nothing (thresholds stay -inf)."""
+        if max_per_image < 1 or (max_per_set is not None and max_per_set < 1):
+            raise ValueError("a test-time budget needs max_per_image and max_per_set >= 1")
+        self.max_per_image = max_per_image
+        self.max_per_set = max_per_set
+        self.thresholds = [-math.inf] * num_classes
+        self.kept: list[list[float]] = [[] for _ in range(num_classes)]  # one min-heap per class
+        self.counts = [0] * num_classes  # candidates kept so far, per class
+
+    def candidates(self, scores: Tensor) -> tuple[Tensor, Tensor]:
+        """One image's candidates, recorded in the budget.
+
+        Args:
+            scores (Tensor[R, K]): per-class scores of classes 1..K.
+
+        Returns:
+            (Tensor[M], Tensor[M]): proposal index and class index (0-based), highest-ranked first.
+        """
+        thresh = scores.new_tensor(self.thresholds)
+        n = min(self.max_per_image, scores.shape[0])
+        top, rows = torch.where(scores > thresh, scores, -math.inf).topk(n, dim=0)  # (n, K)
+        keep = top > thresh  # drops the -inf fill of classes with fewer than n above threshold
+        if self.max_per_set is not None:
+            for j, column in enumerate(torch.where(keep, top, -math.inf).T.tolist()):
+                self._record(j, [v for v in column if v > -math.inf])
+        cls = torch.arange(scores.shape[1], device=scores.device).expand_as(rows)
+        return rows[keep], cls[keep]
+
+    def copy(self) -> ScoreBudget:
+        """An independent copy (the heaps hold floats: copying the lists is enough)."""
+        out = copy.copy(self)
+        out.thresholds, out.counts = list(self.thresholds), list(self.counts)
+        out.kept = [list(heap) for heap in self.kept]
+        return out
+
+    def _record(self, j: int, kept: list[float]) -> None:
+        heap = self.kept[j]
+        for v in kept:
+            heapq.heappush(heap, v)
+        self.counts[j] += len(kept)
+        if self.counts[j] > self.max_per_set:
+            while len(heap) > self.max_per_set:
+                heapq.heappop(heap)
+            self.thresholds[j] = heap[0]
+
+    def prune(self, detections: list[Detections], keep_ties: bool) -> list[Detections]:
+        """Each image's detections without those below their class's final threshold (with
+        ``keep_ties`` false, without those equal to it too)."""
+        thresh = torch.tensor([-math.inf, *self.thresholds])  # indexed by label
+        out = []
+        for d in detections:
+            limit = thresh[d.labels].to(d.scores.dtype)
+            keep = d.scores >= limit if keep_ties else d.scores > limit
+            out.append(Detections(d.boxes[keep], d.scores[keep], d.labels[keep]))
+        return out
+
+
 def select(
     boxes: Tensor,
     scores: Tensor,
@@ -248,3 +384,38 @@ def select(
     return Detections(
         boxes[kept].float().cpu(), scores[kept].float().cpu(), labels[kept].long().cpu()
     )
+
+
+def test_time_rows(pipeline: str, cfg: Any, sources: dict[str, str]) -> list[Setting]:
+    """Fidelity rows of the test-time candidate rule (both originals: the adaptive budget, no fixed
+    score threshold, NMS 0.3).
+
+    Args:
+        pipeline: whose rule it is.
+        cfg: a config with test_topk, max_per_image, max_per_set_factor, score_thresh,
+            max_per_class and nms_iou.
+        sources: where the original sets each: "rule", "per_image", "per_set", "threshold", "nms".
+    """
+    adaptive = cfg.test_topk == "adaptive"
+    per_image = cfg.max_per_image if adaptive else f"none ({cfg.max_per_class} after NMS)"
+    per_set = cfg.max_per_set_factor if adaptive else "none"
+    threshold = "none" if adaptive else cfg.score_thresh
+    return [
+        setting(pipeline, "test-time candidates", "adaptive", sources["rule"], cfg.test_topk),
+        setting(
+            pipeline,
+            "candidates per class and image, before NMS",
+            100,
+            sources["per_image"],
+            per_image,
+        ),
+        setting(
+            pipeline,
+            "candidates per class over the test set, per image",
+            40,
+            sources["per_set"],
+            per_set,
+        ),
+        setting(pipeline, "fixed score threshold", "none", sources["threshold"], threshold),
+        setting(pipeline, "NMS IoU", 0.3, sources["nms"], cfg.nms_iou),
+    ]

@@ -5,12 +5,15 @@ Shapes: N images in a batch, R RoIs, C trunk channels, P pooled side, D fc7 widt
     roi_pool:   feature map, (R, 5) RoIs -> (R, C, P, P)       torchvision.ops.roi_pool, scale 1/16
     fc:         (R, C*P*P) -> fc7 (R, D)
     classifier: fc7 -> (R, K+1) logits -> softmax
-    bbox_reg:   fc7 -> (R, 4K) class-specific deltas, normalised by ``bbox_stds``
+    bbox_reg:   fc7 -> (R, 4K) class-specific deltas, normalised (DeltaNorm)
 
 Training: 2 images x 64 RoIs per mini-batch, 25% foreground (IoU >= 0.5), background IoU in
-[0.1, 0.5), horizontal flips; loss = cross-entropy + smooth L1 on the foreground RoIs' deltas of their
-true class; the whole net trained in one stage. Test: softmax scores, class-specific deltas, clip,
-per-class NMS 0.3, at most 100 per class. Optional truncated SVD of fc6 and fc7 at test time.
+[0.1, 0.5), a mirrored copy of every image appended to the training set; loss = cross-entropy + smooth
+L1 on the foreground RoIs' deltas of their true class, the targets normalised by per-class means and
+standard deviations; the net trained in one stage but for its first convolutions, biases at twice the
+rate without weight decay. Test: RoIs that coincide on the conv map pooled once, softmax scores, the
+originals' adaptive per-class candidate budget (or a fixed threshold), class-specific deltas, clip,
+per-class NMS 0.3. Optional truncated SVD of fc6 and fc7 at test time.
 """
 
 from __future__ import annotations
@@ -24,16 +27,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_pool
 
-from pipelines.backbones import Backbone
-from pipelines.boxes import boxes_to_rois, decode_deltas, encode_deltas, flip_boxes
-from pipelines.detector import Detections, Detector, TrainData, candidates, normalize_image, select
+from pipelines.backbones import Backbone, layer_multipliers
+from pipelines.boxes import boxes_to_rois, decode_deltas, dedup_rois, encode_deltas, flip_boxes
+from pipelines.detector import (
+    TEST_TOPK,
+    Detections,
+    Detector,
+    ScoreBudget,
+    TrainData,
+    candidates,
+    normalize_image,
+    select,
+    test_time_rows,
+)
+from pipelines.fidelity import FAST_RCNN_REPO, Setting, setting
 from pipelines.registry import BuildContext, PaperFigures, register
 from pipelines.sampling import Matches, match, sample_fg_bg, with_ground_truth
 from pipelines.svd import compress_head
 from pipelines.timing import StageTimer
-from pipelines.training import SolverConfig, run_sgd
+from pipelines.training import SolverConfig, param_groups, run_sgd, solver_rows
 
 __all__ = [
+    "DeltaNorm",
     "FastRCNN",
     "FastRCNNConfig",
     "HeadSettings",
@@ -47,28 +62,58 @@ __all__ = [
     "pool_rois",
     "prepare_image",
     "sample_rois",
+    "training_entries",
 ]
+
+
+# The paper's solver (models/VGG16/solver.prototxt:2-10, tools/train_net.py:33-35; CaffeNet's is the
+# same): lr 0.001 divided by 10 at 30k of 40k iterations; biases at 2x without weight decay
+# (models/VGG16/train.prototxt:147-150).
+PAPER_SOLVER = SolverConfig(
+    paper_iters=40000, lr=1e-3, lr_step=30000, bias_lr_mult=2.0, bias_decay=False
+)
+
+FLIPS = ("random", "append", "none")
+BBOX_NORMALIZE = ("fixed", "per_class")
 
 
 @dataclass(frozen=True)
 class FastRCNNConfig:
-    """Fast R-CNN's settings; defaults are the paper's."""
+    """Fast R-CNN's settings; defaults are the paper's, but for ``frozen_convs``, which depends on the
+    network (the paper configs set it: 4 for VGG16, 1 for AlexNet)."""
 
     scale: int = 600  # shorter image side after resizing
     max_size: int = 1000  # longer side at most this
-    solver: SolverConfig = field(default_factory=lambda: SolverConfig(paper_iters=40000))
+    solver: SolverConfig = field(default_factory=lambda: PAPER_SOLVER)
+    frozen_convs: int = 0  # leading convolutions of the trunk not trained
     images_per_batch: int = 2
     rois_per_image: int = 64
     fg_fraction: float = 0.25
     fg_iou: float = 0.5
     bg_iou: tuple[float, float] = (0.1, 0.5)
-    flip: bool = True  # horizontal flips in training
-    bbox_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)  # target normalisation
+    flip: str = "append"  # "append" a mirrored copy of each image, "random" (p 1/2), or "none"
+    bbox_normalize: str = "per_class"  # targets by per-class mean and std, or "fixed" bbox_stds
+    bbox_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)  # "fixed" only
     bbox_loss_weight: float = 1.0
-    score_thresh: float = 0.01  # softmax probability a (RoI, class) pair needs at test time
+    dedup_boxes: float = 0.0625  # 1/16: test RoIs equal at this scale pooled once (0: off)
+    test_topk: str = "adaptive"  # test-time candidates: "adaptive" budget or "fixed" threshold
+    max_per_image: int = 100  # "adaptive": candidates per class and image, before NMS
+    max_per_set_factor: int = 40  # "adaptive": candidates per class over a pass, per image
+    score_thresh: float = 0.01  # "fixed": softmax probability a (RoI, class) pair needs
+    max_per_class: int = 100  # "fixed": detections kept per class and image, after NMS
     nms_iou: float = 0.3
-    max_per_class: int = 100
     svd_ranks: tuple[int, int] = (1024, 256)  # truncated SVD of fc6 and fc7 (the "svd" variant)
+
+    def __post_init__(self):
+        for key, allowed in (
+            ("flip", FLIPS),
+            ("bbox_normalize", BBOX_NORMALIZE),
+            ("test_topk", TEST_TOPK),
+        ):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.frozen_convs < 0 or self.dedup_boxes < 0:
+            raise ValueError("frozen_convs and dedup_boxes must be >= 0")
 
 
 def prepare_image(
@@ -120,6 +165,81 @@ def detection_loss(
     return cls_loss, bbox_weight * box_loss
 
 
+# A coordinate whose targets all agree to within this (one example, say) is left unscaled: its
+# normalised targets are 0 whatever the divisor.
+_MIN_STD = 1e-6
+
+
+@dataclass(frozen=True)
+class DeltaNorm:
+    """Per-class normalisation of the box-regression targets (lib/roi_data_layer/roidb.py:55-78): a
+    RoI of class c regresses (delta - mean[c]) / std[c]; at test time the head's output is mapped back
+    (the original folds the same map into bbox_pred's weights when it saves them,
+    lib/fast_rcnn/train.py:54-65).
+
+    Attributes:
+        mean: Tensor[K, 4]; std: Tensor[K, 4], positive.
+    """
+
+    mean: Tensor
+    std: Tensor
+
+    @classmethod
+    def fit(cls, deltas: Tensor, labels: Tensor, num_classes: int) -> DeltaNorm:
+        """Per-class means and (population) standard deviations.
+
+        Args:
+            deltas (Tensor[N, 4]): the training RoIs' targets; labels (Tensor[N]): their classes 1..K.
+            num_classes: K. A class without targets gets mean 0 and std 1.
+        """
+        onehot = F.one_hot(labels - 1, num_classes).double().T  # (K, N)
+        count = onehot.sum(1, keepdim=True).clamp(min=1)
+        d = deltas.double()
+        mean = onehot @ d / count
+        std = (onehot @ d.square() / count - mean.square()).clamp(min=0).sqrt()  # E[x^2] - E[x]^2
+        std = torch.where(std > _MIN_STD, std, 1.0)
+        return cls(mean.float(), std.float())
+
+    def normalize(self, deltas: Tensor, labels: Tensor) -> Tensor:
+        """Targets (Tensor[N, 4]) of RoIs of classes ``labels`` (Tensor[N], 1..K), normalised."""
+        return (deltas - self.mean[labels - 1]) / self.std[labels - 1]
+
+    def denormalize(self, deltas: Tensor, labels: Tensor) -> Tensor:
+        """The inverse of ``normalize``: what the head predicts for classes ``labels``, as deltas."""
+        return deltas * self.std[labels - 1] + self.mean[labels - 1]
+
+    def to(self, device: torch.device) -> DeltaNorm:
+        return DeltaNorm(self.mean.to(device), self.std.to(device))
+
+
+def regression_targets(
+    rois: list[Tensor], gts: list[Tensor], matches: list[Matches], mirrored: bool
+) -> tuple[Tensor, Tensor]:
+    """Every training RoI's box-regression target and class, over which DeltaNorm is fitted: the RoIs
+    matched to a ground-truth box (IoU >= the foreground threshold, the ground truth itself included,
+    as lib/roi_data_layer/roidb.py:88-101).
+
+    Args:
+        rois: per image, its RoIs (Tensor[R, 4]); gts: its ground-truth boxes (Tensor[G, 4]);
+            matches: the RoIs' matches to them.
+        mirrored: add the targets of the mirrored copies (dx changes sign): the original appends
+            the flipped images (lib/fast_rcnn/train.py:103-108) before it computes the statistics
+            (lib/fast_rcnn/train.py:31-33).
+
+    Returns:
+        (Tensor[N, 4], Tensor[N]): the targets and their classes 1..K.
+    """
+    deltas, labels = [torch.zeros((0, 4))], [torch.zeros(0, dtype=torch.long)]
+    for r, gt, m in zip(rois, gts, matches, strict=True):
+        fg = torch.nonzero(m.labels > 0).flatten()
+        deltas.append(encode_deltas(r[fg], gt[m.gt_index[fg]]))
+        labels.append(m.labels[fg])
+    d, lab = torch.cat(deltas), torch.cat(labels)
+    if mirrored:
+        d, lab = torch.cat((d, d * d.new_tensor([-1.0, 1.0, 1.0, 1.0]))), torch.cat((lab, lab))
+    return d, lab
+
+
 class HeadSettings(Protocol):
     """What the Fast R-CNN head's sampling, loss and test-time steps read from a pipeline's config
     (FastRCNNConfig, and the pipelines that reuse the head)."""
@@ -154,15 +274,21 @@ def pool_rois(net: Backbone, features: Tensor, rois: Tensor) -> Tensor:
 
 
 def sample_rois(
-    rois: Tensor, gt: Tensor, m: Matches, cfg: HeadSettings, gen: torch.Generator
+    rois: Tensor,
+    gt: Tensor,
+    m: Matches,
+    cfg: HeadSettings,
+    gen: torch.Generator,
+    norm: DeltaNorm | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One image's mini-batch of RoIs: ``rois_per_image`` drawn with ``fg_fraction`` foreground.
 
     Args:
         rois (Tensor[R, 4]): candidate RoIs; gt (Tensor[G, 4]): ground-truth boxes, in the same frame.
         m: each RoI's match to ``gt``.
-        cfg: the sampling bands and the delta normalisation.
+        cfg: the sampling bands (and ``bbox_stds``, without ``norm``).
         gen: the random stream.
+        norm: the per-class target normalisation; None: divide by the fixed ``bbox_stds``.
 
     Returns:
         labels (Tensor[B]), boxes (Tensor[B, 4]) and normalised delta targets (Tensor[B, 4], zero
@@ -173,7 +299,13 @@ def sample_rois(
     labels = torch.cat((m.labels[fg], torch.zeros(len(bg), dtype=torch.long)))
     targets = torch.zeros((len(boxes), 4))
     if len(fg):
-        targets[: len(fg)] = encode_deltas(boxes[: len(fg)], gt[m.gt_index[fg]], cfg.bbox_stds)
+        matched = gt[m.gt_index[fg]]
+        if norm is None:
+            targets[: len(fg)] = encode_deltas(boxes[: len(fg)], matched, cfg.bbox_stds)
+        else:
+            targets[: len(fg)] = norm.normalize(
+                encode_deltas(boxes[: len(fg)], matched), m.labels[fg]
+            )
     return labels, boxes, targets
 
 
@@ -214,9 +346,12 @@ def head_detections(
     size: tuple[int, int],
     cfg: HeadSettings,
     timer: StageTimer,
+    budget: ScoreBudget | None = None,
+    norm: DeltaNorm | None = None,
+    dedup: float = 0.0,
 ) -> Detections:
-    """The test-time steps after the conv map: "roi_pool", "fc", "classifier" (softmax), "bbox_reg"
-    (class-specific deltas), "nms".
+    """The test-time steps after the conv map: "roi_pool", "fc", "classifier" (softmax and the
+    candidate (RoI, class) pairs), "bbox_reg" (class-specific deltas), "nms".
 
     Args:
         net: the backbone (pool size and stride).
@@ -226,22 +361,67 @@ def head_detections(
         proposals (Tensor[R, 4]): in image pixels.
         s: the factor the image was resized by.
         size: the image's (H, W).
-        cfg: score threshold, delta normalisation, NMS overlap, detections kept per class.
+        cfg: NMS overlap; without ``budget``, the score threshold and detections kept per class;
+            without ``norm``, ``bbox_stds``.
         timer: receives the five stages.
+        budget: the originals' adaptive candidate budget (Detector.test_budget); None: the fixed
+            ``score_thresh``, and at most ``max_per_class`` per class after NMS.
+        norm: the per-class target normalisation the head's deltas are mapped back with.
+        dedup: > 0: the RoIs that coincide once scaled by this and rounded are pooled once, and each
+            takes its group's first RoI's scores and regressed boxes (lib/fast_rcnn/test.py:173-179,
+            203-206); 0: off.
     """
     with timer.stage("roi_pool"):
-        pooled = pool_rois(net, features, boxes_to_rois([proposals.to(features.dtype) * s]))
+        rois = proposals.to(features.dtype) * s
+        first, group = dedup_rois(rois, dedup) if dedup > 0 else (None, None)
+        pooled = pool_rois(net, features, boxes_to_rois([rois if first is None else rois[first]]))
     with timer.stage("fc"):
         fc7 = fc_head(pooled.flatten(1))
     with timer.stage("classifier"):
-        probs = F.softmax(heads[0](fc7), dim=1)[:, 1:]  # (R, K)
-        rows, cls = candidates(probs, cfg.score_thresh)
+        probs = F.softmax(heads[0](fc7), dim=1)[:, 1:]  # (U, K)
+        if group is not None:
+            probs = probs[group]  # (R, K): back to every RoI
+        if budget is None:
+            rows, cls = candidates(probs, cfg.score_thresh)
+        else:
+            rows, cls = budget.candidates(probs)
     with timer.stage("bbox_reg"):
-        deltas = heads[1](fc7[rows]).reshape(len(rows), probs.shape[1], 4)  # (M, K, 4)
-        deltas = deltas[torch.arange(len(rows), device=deltas.device), cls]  # (M, 4)
-        boxes = decode_deltas(proposals[rows], deltas, cfg.bbox_stds)
+        pooled_rows = rows if group is None else group[rows]
+        origins = (proposals if first is None else proposals[first])[pooled_rows]
+        boxes = _regressed_boxes(heads[1], fc7[pooled_rows], origins, cls, cfg, norm)
     with timer.stage("nms"):
-        return select(boxes, probs[rows, cls], cls + 1, size, cfg.nms_iou, cfg.max_per_class)
+        cap = cfg.max_per_class if budget is None else budget.max_per_image
+        return select(boxes, probs[rows, cls], cls + 1, size, cfg.nms_iou, cap)
+
+
+def _regressed_boxes(
+    bbox_pred: nn.Linear,
+    fc7: Tensor,
+    origins: Tensor,
+    cls: Tensor,
+    cfg: HeadSettings,
+    norm: DeltaNorm | None,
+) -> Tensor:
+    """Each candidate's box: ``bbox_pred``'s deltas of its class, mapped back by ``norm`` (None: the
+    fixed ``bbox_stds``), applied to its RoI.
+
+    Args:
+        bbox_pred: D -> 4K.
+        fc7 (Tensor[M, D]); origins (Tensor[M, 4]): the RoIs, in image pixels; cls (Tensor[M]): the
+            candidates' classes, 0-based.
+        cfg: gives ``bbox_stds``.
+        norm: the per-class target normalisation.
+
+    Returns:
+        Tensor[M, 4].
+    """
+    deltas = bbox_pred(fc7).reshape(
+        len(cls), bbox_pred.out_features // 4, 4
+    )  # (M, K, 4), M may be 0
+    deltas = deltas[torch.arange(len(cls), device=deltas.device), cls]  # (M, 4)
+    if norm is None:
+        return decode_deltas(origins, deltas, cfg.bbox_stds)
+    return decode_deltas(origins, norm.denormalize(deltas, cls + 1))
 
 
 def images_in_band(
@@ -261,6 +441,14 @@ def images_in_band(
     if not usable:
         raise ValueError(f"{pipeline}: no training image has a foreground or background RoI")
     return usable
+
+
+def training_entries(images: list[int], flip: str) -> list[int]:
+    """What one epoch of training visits, each entry ``2 * image + mirrored``: every image once, and
+    with ``flip`` "append" its mirrored copy too (the original doubles its image list,
+    lib/datasets/imdb.py:94-110)."""
+    mirrored = (0, 1) if flip == "append" else (0,)
+    return [2 * i + m for i in images for m in mirrored]
 
 
 def draw_image(order: list[int], pool: list[int], gen: torch.Generator) -> int:
@@ -304,11 +492,25 @@ class FastRCNN(Detector):
         self.cls_score, self.bbox_pred = (
             layer.to(self.device) for layer in new_heads(backbone.fc_dim, self.num_classes)
         )
+        # The trunk's first frozen_convs convolutions do not train; the rest, the fc head and the new
+        # layers train at 1x (models/VGG16/train.prototxt:21-28 for conv1_1, 466-473 and 491-498 for
+        # the new layers). Built here, so that a frozen_convs the trunk lacks fails before training.
+        self.train_layers = [
+            *layer_multipliers(self.net, cfg.frozen_convs),
+            (self.cls_score, 1.0),
+            (self.bbox_pred, 1.0),
+        ]
+        self.delta_norm: DeltaNorm | None = None  # fitted in fit() for bbox_normalize "per_class"
         self.svd_head: nn.Sequential | None = None
 
     def _pool(self, features: Tensor, rois: Tensor) -> Tensor:
         """(N, C, h, w) map and (R, 5) RoIs in resized pixels -> (R, C, P, P)."""
         return pool_rois(self.net, features, rois)
+
+    def test_tensors(self, variant: str | None = None) -> list[Tensor]:
+        """The per-class target means and standard deviations the test-time deltas are mapped back
+        with (none for fixed ``bbox_stds``)."""
+        return [] if self.delta_norm is None else [self.delta_norm.mean, self.delta_norm.std]
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -321,7 +523,39 @@ class FastRCNN(Detector):
             rois.append(r)
             gts.append(gt_boxes)
             matches.append(match(r, gt_boxes, gt_labels, cfg.fg_iou))
+        norm = None
+        if cfg.bbox_normalize == "per_class":
+            targets = regression_targets(rois, gts, matches, mirrored=cfg.flip != "none")
+            norm = DeltaNorm.fit(*targets, self.num_classes)
+        with timer.stage("train"):
+            losses = self._train(data, (rois, gts, matches), norm)
+        self.delta_norm = None if norm is None else norm.to(self.device)
+        self.net.eval()
+        with timer.stage("svd"):
+            self.svd_head = compress_head(self.net.head, cfg.svd_ranks)
+        return {"final_loss": float(np.mean(losses[-50:]))}
+
+    def _train(
+        self,
+        data: TrainData,
+        regions: tuple[list[Tensor], list[Tensor], list[Matches]],
+        norm: DeltaNorm | None,
+    ) -> list[float]:
+        """SGD over mini-batches of ``images_per_batch`` images (mirrored as ``flip`` says) and their
+        sampled RoIs.
+
+        Args:
+            data: the training split.
+            regions: per image, its RoIs (ground truth first), ground-truth boxes and the matches.
+            norm: the per-class target normalisation (None: the fixed ``bbox_stds``).
+
+        Returns:
+            The loss of every iteration.
+        """
+        cfg = self.cfg
+        rois, gts, matches = regions
         usable = images_in_band(matches, cfg.fg_iou, cfg.bg_iou, self.name)
+        entries = training_entries(usable, cfg.flip)
         gen = torch.Generator().manual_seed(cfg.solver.seed)
         order: list[int] = []
         self.net.train()
@@ -329,13 +563,15 @@ class FastRCNN(Detector):
         def loss_fn(_: int) -> Tensor:
             images, batch_rois, labels, targets = [], [], [], []
             for n in range(cfg.images_per_batch):
-                i = draw_image(order, usable, gen)
-                flip = cfg.flip and bool(torch.rand((), generator=gen) < 0.5)
+                i, mirrored = divmod(draw_image(order, entries, gen), 2)
+                flip = bool(mirrored)
+                if cfg.flip == "random":
+                    flip = bool(torch.rand((), generator=gen) < 0.5)
                 x, s = prepare_image(
                     torch.from_numpy(data.images[i]).to(self.device), cfg.scale, cfg.max_size, flip
                 )
                 lab, box, tgt = self._sample(
-                    rois[i], gts[i], matches[i], gen, flip, data.images[i].shape[1]
+                    rois[i], gts[i], matches[i], gen, flip, data.images[i].shape[1], norm
                 )
                 images.append(x)
                 batch_rois.append(torch.cat((torch.full((len(box), 1), float(n)), box * s), dim=1))
@@ -352,26 +588,24 @@ class FastRCNN(Detector):
                 cfg.bbox_loss_weight,
             )
 
-        with timer.stage("train"):
-            params = [
-                *self.net.parameters(),
-                *self.cls_score.parameters(),
-                *self.bbox_pred.parameters(),
-            ]
-            losses = run_sgd(params, cfg.solver, loss_fn, "fast r-cnn train")
-        self.net.eval()
-        with timer.stage("svd"):
-            self.svd_head = compress_head(self.net.head, cfg.svd_ranks)
-        return {"final_loss": float(np.mean(losses[-50:]))}
+        groups = param_groups(self.train_layers, cfg.solver)
+        return run_sgd(groups, cfg.solver, loss_fn, "fast r-cnn train")
 
     def _sample(
-        self, rois: Tensor, gt: Tensor, m: Matches, gen: torch.Generator, flip: bool, width: int
+        self,
+        rois: Tensor,
+        gt: Tensor,
+        m: Matches,
+        gen: torch.Generator,
+        flip: bool,
+        width: int,
+        norm: DeltaNorm | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One image's RoIs: labels (R,), boxes (R, 4) in original pixels (flipped if asked), and
-        normalised delta targets (R, 4)."""
+        delta targets (R, 4) normalised by ``norm`` (None: the fixed ``bbox_stds``)."""
         if flip:
             rois, gt = flip_boxes(rois, width), flip_boxes(gt, width)
-        return sample_rois(rois, gt, m, self.cfg, gen)
+        return sample_rois(rois, gt, m, self.cfg, gen, norm)
 
     def paper_schedule(self, stages_s: dict[str, float]) -> dict:
         return self.cfg.solver.paper_schedule(stages_s["train"], stages_s.get("svd", 0.0))
@@ -390,7 +624,84 @@ class FastRCNN(Detector):
             features = self.net.trunk(x[None])
         size = (image.shape[0], image.shape[1])
         heads = (self.cls_score, self.bbox_pred)
-        return head_detections(self.net, head, heads, features, proposals, s, size, cfg, timer)
+        return head_detections(
+            self.net,
+            head,
+            heads,
+            features,
+            proposals,
+            s,
+            size,
+            cfg,
+            timer,
+            budget=self.test_budget(),
+            norm=self.delta_norm,
+            dedup=cfg.dedup_boxes,
+        )
+
+    @classmethod
+    def fidelity(cls, cfg: FastRCNNConfig) -> list[Setting]:
+        """Fast R-CNN's training and test-time settings beside rbgirshick/fast-rcnn's (VGG16)."""
+        repo = FAST_RCNN_REPO
+        solver, net = f"{repo} models/VGG16/solver.prototxt", f"{repo} models/VGG16/train.prototxt"
+        config, test = f"{repo} lib/fast_rcnn/config.py", f"{repo} lib/fast_rcnn/test.py"
+        iters = f"{repo} tools/train_net.py:33-35"
+        originals = {
+            "lr": (0.001, f"{solver}:2"),
+            "lr_step": (30000, f"{solver}:3-5"),
+            "momentum": (0.9, f"{solver}:9"),
+            "weight_decay": (0.0005, f"{solver}:10"),
+            "iters": (40000, iters),
+            "paper_iters": (40000, iters),
+            "bias_lr_mult": (2.0, f"{net}:147-150"),
+            "bias_decay": (False, f"{net}:147-150"),
+        }
+        # The row sees this block only, not the backbone: either network's count is a match.
+        frozen = Setting(
+            "fast_rcnn",
+            "leading conv layers frozen",
+            "4 with VGG16 (conv1_1-conv2_2), 1 with CaffeNet (conv1)",
+            f"{net}:21-28,46-53,82-89,107-114, models/CaffeNet/train.prototxt:21-28",
+            str(cfg.frozen_convs),
+            "match" if cfg.frozen_convs in (4, 1) else "deviation",
+        )
+        rows = [
+            setting("fast_rcnn", name, original, source, value)
+            for name, original, source, value in (
+                ("new layers' learning-rate multiplier", 1.0, f"{net}:466-473,491-498", 1.0),
+                ("shorter side (px)", 600, f"{config}:38", cfg.scale),
+                ("longer side at most (px)", 1000, f"{config}:41", cfg.max_size),
+                ("images per batch", 2, f"{config}:44", cfg.images_per_batch),
+                ("RoIs per image", 64, f"{config}:47 (128 over 2 images)", cfg.rois_per_image),
+                ("foreground fraction", 0.25, f"{config}:50", cfg.fg_fraction),
+                ("background IoU band", (0.1, 0.5), f"{config}:57-58", cfg.bg_iou),
+                ("training flips", "append", f"{config}:61, lib/datasets/imdb.py:94-110", cfg.flip),
+                (
+                    "box-target normalisation",
+                    "per_class",
+                    f"{repo} lib/roi_data_layer/roidb.py:55-78",
+                    cfg.bbox_normalize,
+                ),
+                (
+                    "duplicate RoIs pooled once (scale)",
+                    1 / 16,
+                    f"{config}:114, lib/fast_rcnn/test.py:173-179",
+                    cfg.dedup_boxes,
+                ),
+            )
+        ]
+        test_rows = test_time_rows(
+            "fast_rcnn",
+            cfg,
+            {
+                "rule": f"{test}:251-317",
+                "per_image": f"{test}:254-255,288",
+                "per_set": f"{test}:251-253",
+                "threshold": f"{test}:258,284,316 (a rising per-class threshold only)",
+                "nms": f"{config}:96, lib/fast_rcnn/test.py:324",
+            },
+        )
+        return [*solver_rows("fast_rcnn", cfg.solver, originals), frozen, *rows, *test_rows]
 
 
 def pad_images(images: list[Tensor]) -> Tensor:

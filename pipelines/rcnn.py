@@ -8,8 +8,10 @@ Shapes: R regions of one image, S input side, C trunk channels, P pool5 side, D 
     bbox_reg:   pool5 * scale of the kept boxes -> moved boxes
 
 Training stages: fine-tuning on warped regions (K+1-way softmax, 128-region batches of 32 foreground
-and 96 background), fc7/pool5 feature extraction into an on-disk cache, SVMs with hard-negative mining,
-ridge box regressors.
+and 96 background, each region mirrored with probability 1/2; every layer trains, biases at twice the
+rate without weight decay, the new classifier at 10x), fc7/pool5 feature extraction into an on-disk
+cache, SVMs with hard-negative mining, ridge box regressors. Test: SVM scores, the originals' adaptive
+per-class candidate budget (or a fixed threshold), box regression, NMS 0.3.
 """
 
 from __future__ import annotations
@@ -28,13 +30,24 @@ from torch import Tensor, nn
 
 from pipelines.backbones import Backbone
 from pipelines.bbox_regression import BoxRegressors, fit_box_regressors, regression_examples
-from pipelines.detector import Detections, Detector, TrainData, candidates, normalize_image, select
+from pipelines.detector import (
+    TEST_TOPK,
+    Detections,
+    Detector,
+    ScoreBudget,
+    TrainData,
+    candidates,
+    normalize_image,
+    select,
+    test_time_rows,
+)
+from pipelines.fidelity import RCNN_REPO, Setting, setting
 from pipelines.progress import progress
 from pipelines.registry import BuildContext, PaperFigures, register
 from pipelines.sampling import Matches, match, sample_fg_bg, with_ground_truth
 from pipelines.svm import SVMConfig, negative_mask, train_svms
 from pipelines.timing import StageTimer
-from pipelines.training import SolverConfig, run_sgd
+from pipelines.training import SolverConfig, param_groups, run_sgd, solver_rows
 from pipelines.warp import warp_regions
 
 __all__ = [
@@ -44,10 +57,19 @@ __all__ = [
     "SVMHead",
     "SVMSettings",
     "cache_features",
+    "mirror_regions",
     "svm_detections",
     "train_svm_head",
     "training_regions",
 ]
+
+
+# The paper's fine-tuning solver (pascal_finetune_solver.prototxt:5-12, pascal_finetune_train.prototxt
+# :25-28): lr 0.001 divided by 10 every 20k iterations, biases at 2x without weight decay; the released
+# VOC07 model is the 70k-iteration snapshot (README.md:203), so the hours extrapolate to 70k.
+PAPER_SOLVER = SolverConfig(
+    paper_iters=70000, lr=1e-3, lr_step=20000, bias_lr_mult=2.0, bias_decay=False
+)
 
 
 @dataclass(frozen=True)
@@ -55,7 +77,11 @@ class RCNNConfig:
     """R-CNN's settings; defaults are the paper's."""
 
     context_pad: int = 16  # context around each warped box, in warped pixels
-    solver: SolverConfig = field(default_factory=lambda: SolverConfig(paper_iters=100000))
+    solver: SolverConfig = field(default_factory=lambda: PAPER_SOLVER)
+    cls_lr_mult: float = (
+        10.0  # the new classifier's learning-rate multiplier (its bias: x bias mult)
+    )
+    mirror: bool = True  # mirror each fine-tuning region horizontally with probability 1/2
     batch_size: int = 128  # regions per fine-tuning batch
     fg_fraction: float = 0.25  # 32 of 128
     fg_iou: float = 0.5  # fine-tuning foreground threshold
@@ -64,11 +90,20 @@ class RCNNConfig:
     svm_neg_iou: float = 0.3  # SVM negatives overlap every box of the class less than this
     bbox_lambda: float = 1000.0  # ridge penalty
     bbox_min_iou: float = 0.6  # box-regression examples overlap a ground-truth box more than this
-    score_thresh: float = -1.1  # SVM score a (region, class) pair needs to be kept at test time
+    test_topk: str = "adaptive"  # test-time candidates: "adaptive" budget or "fixed" threshold
+    max_per_image: int = 100  # "adaptive": candidates per class and image, before NMS
+    max_per_set_factor: int = 40  # "adaptive": candidates per class over a pass, per image
+    score_thresh: float = -1.1  # "fixed": SVM score a (region, class) pair needs
+    max_per_class: int = 100  # "fixed": detections kept per class and image, after NMS
     nms_iou: float = 0.3
-    max_per_class: int = 100
     region_batch: int = 256  # warped regions per forward pass
     keep_feature_cache: bool = False  # keep the on-disk fc7/pool5 cache after training
+
+    def __post_init__(self):
+        if self.test_topk not in TEST_TOPK:
+            raise ValueError(f"test_topk must be one of {TEST_TOPK}, got {self.test_topk!r}")
+        if self.cls_lr_mult < 0:
+            raise ValueError(f"cls_lr_mult must be >= 0, got {self.cls_lr_mult}")
 
 
 @dataclass
@@ -287,28 +322,50 @@ def svm_detections(
     size: tuple[int, int],
     timer: StageTimer,
     regress: bool = True,
+    budget: ScoreBudget | None = None,
 ) -> Detections:
-    """The test-time steps after the features: SVM scores ("classifier"), box regression of the kept
-    (region, class) pairs ("bbox_reg"), NMS ("nms").
+    """The test-time steps after the features: SVM scores and the candidate (region, class) pairs
+    ("classifier"), box regression of the candidates ("bbox_reg"), NMS ("nms").
 
     Args:
         fc7 (Tensor[R, D]), reg_features (Tensor[R, F]): the proposals' features, unscaled.
         proposals (Tensor[R, 4]): in image pixels.
         head: the trained SVMs and regressors, on the features' device.
-        cfg: score threshold, NMS overlap, detections kept per class.
+        cfg: NMS overlap; without a budget, the score threshold and detections kept per class.
         size: the image's (H, W).
         timer: receives the three stages.
         regress: False leaves the boxes where the proposals are (the "no_bbox_reg" variant).
+        budget: the originals' adaptive candidate budget (Detector.test_budget); None: the fixed
+            ``score_thresh``, and at most ``max_per_class`` per class after NMS.
     """
     with timer.stage("classifier"):
         scores = (fc7 * head.fc7_scale) @ head.weight + head.bias  # (R, K)
-        rows, cls = candidates(scores, cfg.score_thresh)
+        if budget is None:
+            rows, cls = candidates(scores, cfg.score_thresh)
+        else:
+            rows, cls = budget.candidates(scores)
     with timer.stage("bbox_reg"):
         boxes = proposals[rows]
         if regress:
             boxes = head.regressors.predict(reg_features[rows] * head.reg_scale, boxes, cls)
     with timer.stage("nms"):
-        return select(boxes, scores[rows, cls], cls + 1, size, cfg.nms_iou, cfg.max_per_class)
+        cap = cfg.max_per_class if budget is None else budget.max_per_image
+        return select(boxes, scores[rows, cls], cls + 1, size, cfg.nms_iou, cap)
+
+
+def mirror_regions(regions: Tensor, gen: torch.Generator) -> Tensor:
+    """Mirror each warped region horizontally with probability 1/2, as Caffe's window data layer does
+    for R-CNN's fine-tuning (``mirror: true``).
+
+    Args:
+        regions (Tensor[B, 3, S, S]): warped regions.
+        gen: the random stream (one draw per region).
+
+    Returns:
+        Tensor[B, 3, S, S].
+    """
+    flip = (torch.rand(regions.shape[0], generator=gen) < 0.5).to(regions.device)
+    return torch.where(flip[:, None, None, None], regions.flip(3), regions)
 
 
 def training_regions(
@@ -334,6 +391,7 @@ class RCNN(Detector):
     name = "rcnn"
     label = "R-CNN"
     config_class = RCNNConfig
+    keeps_threshold_ties = True  # rcnn_test.m:99 drops only the detections below the threshold
     variants = ("no_bbox_reg",)
     train_stages = ("finetune", "features", "svm", "bbox_reg")
     stage_groups: ClassVar[dict[str, str]] = {
@@ -445,11 +503,15 @@ class RCNN(Detector):
                 regions[rows.to(self.device)] = self._warp(
                     image, boxes[picked[rows]].to(self.device)
                 )
+            if cfg.mirror:
+                regions = mirror_regions(regions, gen)
             logits = self.cls(self.net(self._pool5(regions)))
             return F.cross_entropy(logits, labels[picked].to(self.device))
 
-        params = list(self.net.parameters()) + list(self.cls.parameters())
-        losses = run_sgd(params, cfg.solver, loss_fn, "rcnn fine-tune")
+        # Every layer trains (pascal_finetune_train.prototxt: blobs_lr 1 throughout); the new
+        # classifier at cls_lr_mult.
+        groups = param_groups([(self.net, 1.0), (self.cls, cfg.cls_lr_mult)], cfg.solver)
+        losses = run_sgd(groups, cfg.solver, loss_fn, "rcnn fine-tune")
         self.net.eval()
         return losses
 
@@ -468,4 +530,54 @@ class RCNN(Detector):
         fc7, pool5 = self._features(x, proposals, timer)
         size = (image.shape[0], image.shape[1])
         regress = variant != "no_bbox_reg"
-        return svm_detections(fc7, pool5, proposals, self.svms, self.cfg, size, timer, regress)
+        budget = self.test_budget()
+        return svm_detections(
+            fc7, pool5, proposals, self.svms, self.cfg, size, timer, regress, budget
+        )
+
+    @classmethod
+    def fidelity(cls, cfg: RCNNConfig) -> list[Setting]:
+        """R-CNN's fine-tuning, sampling and test-time settings beside rbgirshick/rcnn's."""
+        solver = f"{RCNN_REPO} finetuning/voc_2007_prototxt/pascal_finetune_solver.prototxt"
+        train = f"{RCNN_REPO} finetuning/voc_2007_prototxt/pascal_finetune_train.prototxt"
+        snapshot = f"{RCNN_REPO} README.md:203 (the 70k snapshot; the solver allows 100k)"
+        originals = {
+            "lr": (0.001, f"{solver}:5"),
+            "lr_step": (20000, f"{solver}:6-8"),
+            "momentum": (0.9, f"{solver}:11"),
+            "weight_decay": (0.0005, f"{solver}:12"),
+            "iters": (70000, snapshot),
+            "paper_iters": (70000, snapshot),
+            "bias_lr_mult": (2.0, f"{train}:26"),
+            "bias_decay": (False, f"{train}:28"),
+        }
+        rows = [
+            setting("rcnn", name, original, source, value)
+            for name, original, source, value in (
+                (
+                    "new classifier (fc8) learning-rate multiplier",
+                    10.0,
+                    f"{train}:300-301 (bias 20)",
+                    cfg.cls_lr_mult,
+                ),
+                ("layers frozen", "none", f"{train}:25-28 (blobs_lr 1 on every layer)", "none"),
+                ("regions mirrored at random (p 1/2)", True, f"{train}:12", cfg.mirror),
+                ("regions per fine-tuning batch", 128, f"{train}:10", cfg.batch_size),
+                ("foreground fraction", 0.25, f"{train}:15", cfg.fg_fraction),
+                ("foreground IoU", 0.5, f"{train}:13", cfg.fg_iou),
+                ("context padding (px at 227)", 16, f"{train}:16", cfg.context_pad),
+            )
+        ]
+        test = f"{RCNN_REPO} rcnn_test.m"
+        test_rows = test_time_rows(
+            "rcnn",
+            cfg,
+            {
+                "rule": f"{test}:44-103",
+                "per_image": f"{test}:47,79-80",
+                "per_set": f"{test}:44-46",
+                "threshold": f"{test}:49,75,99 (a rising per-class threshold only)",
+                "nms": f"{RCNN_REPO} imdb/imdb_eval_voc.m:35-36,62",
+            },
+        )
+        return [*solver_rows("rcnn", cfg.solver, originals), *rows, *test_rows]

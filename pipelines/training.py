@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from pipelines.fidelity import Setting, setting
 from pipelines.progress import progress
 
-__all__ = ["SolverConfig", "learning_rate", "param_groups", "run_sgd"]
+__all__ = ["SolverConfig", "learning_rate", "param_groups", "run_sgd", "solver_rows"]
 
 
 @dataclass(frozen=True)
@@ -125,3 +126,32 @@ def run_sgd(
         if it % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     return losses
+
+
+# The fidelity table's name for each solver setting.
+_SOLVER_SETTINGS = {
+    "lr": "base learning rate",
+    "lr_step": "learning rate x0.1 every (iterations)",
+    "momentum": "momentum",
+    "weight_decay": "weight decay",
+    "iters": "iterations run",
+    "paper_iters": "iterations the training hours are extrapolated to",
+    "bias_lr_mult": "bias learning-rate multiplier",
+    "bias_decay": "weight decay on biases",
+}
+
+
+def solver_rows(
+    pipeline: str, solver: SolverConfig, originals: dict[str, tuple[object, str]]
+) -> list[Setting]:
+    """Fidelity rows of a solver beside the original's.
+
+    Args:
+        pipeline: whose solver it is.
+        solver: this config's.
+        originals: per SolverConfig field, the original's value and its source.
+    """
+    return [
+        setting(pipeline, _SOLVER_SETTINGS[key], value, source, getattr(solver, key))
+        for key, (value, source) in originals.items()
+    ]

@@ -20,7 +20,7 @@ def test_defaults_and_overrides_keep_section_defaults():
     overrides = ["pipelines.rcnn.solver.iters=7", "pipelines.fast_rcnn.bg_iou=[0.0, 0.5]"]
     cfg = load_config(None, overrides)
     rcnn, fast = cfg.pipelines["rcnn"], cfg.pipelines["fast_rcnn"]
-    assert rcnn.solver.iters == 7 and rcnn.solver.paper_iters == 100000
+    assert rcnn.solver.iters == 7 and rcnn.solver.paper_iters == 70000
     assert fast.bg_iou == (0.0, 0.5) and fast.solver.iters == 1000
     assert to_dict(cfg)["pipelines"]["fast_rcnn"]["bg_iou"] == [0.0, 0.5]
 

@@ -36,6 +36,7 @@ def tiny_overrides(tmp_path):
         "bench.sweep_proposals=[5, 40]",
         "bench.sweep_images=1",
         "bench.bootstrap_samples=100",
+        "pipelines=rcnn,fast_rcnn",  # the harness's tests need two; each pipeline has its own tests
     ]
 
 

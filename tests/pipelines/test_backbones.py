@@ -61,3 +61,31 @@ def test_bad_weights_file(tmp_path):
     torch.save({"trunk.0.weight": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match=re.escape("other.pt: weights do not fit this backbone")):
         build_backbone(BackboneConfig(weights=str(bad)))
+
+
+def test_layer_multipliers_cover_every_parameter_and_freeze_the_first_convs():
+    from pipelines.backbones import layer_multipliers, trunk_convs
+
+    bb = build_backbone(BackboneConfig())
+    layers = layer_multipliers(bb, 2)
+    convs = trunk_convs(bb)
+    assert [m for m, _ in layers] == [*convs, bb.head]
+    assert [mult for _, mult in layers] == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    covered = [id(p) for m, _ in layers for p in m.parameters()]
+    assert sorted(covered) == sorted(id(p) for p in bb.parameters())  # each exactly once
+    with pytest.raises(ValueError, match="frozen_convs: 6 asked for, but the trunk has 5"):
+        layer_multipliers(bb, 6)
+
+
+@pytest.mark.parametrize("name, convs, frozen", [("vgg16", 13, (0, 2, 5, 7)), ("alexnet", 5, (0,))])
+def test_the_originals_frozen_convs_are_the_first_of_the_trunk(name, convs, frozen):
+    # VGG16's conv1_1, conv1_2, conv2_1, conv2_2 are features.0, 2, 5, 7; CaffeNet's conv1 is AlexNet's
+    # features.0. Built on the meta device: only the structure matters.
+    from pipelines.backbones import layer_multipliers, trunk_convs
+
+    with torch.device("meta"):
+        bb = build_backbone(BackboneConfig(name=name))
+    assert len(trunk_convs(bb)) == convs
+    layers = layer_multipliers(bb, len(frozen))
+    zero = [m for m, mult in layers if mult == 0]
+    assert zero == [bb.trunk[i] for i in frozen]

@@ -3,12 +3,14 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.testing import assert_close
+from torchvision.ops import roi_pool
 
 from pipelines.boxes import (
     box_iou,
     boxes_to_rois,
     clip_boxes,
     decode_deltas,
+    dedup_rois,
     encode_deltas,
     flip_boxes,
     min_side_keep,
@@ -74,3 +76,26 @@ def test_unique_boxes_matches_a_loop_reference():
             seen.append(box)
             want.append(i)
     assert unique_boxes(boxes).tolist() == want
+
+
+def test_dedup_rois_groups_as_roi_pooling_rounds():
+    boxes = torch.tensor(
+        [
+            [0.0, 0, 32, 32],  # / 16: (0, 0, 2, 2)
+            [8, 8, 40, 40],  # (0.5, 0.5, 2.5, 2.5): halves up -> (1, 1, 3, 3)
+            [7, 7, 39, 39],  # (0.44, ..., 2.44) -> (0, 0, 2, 2): with the first
+            [16, 16, 48, 48],  # (1, 1, 3, 3): with the second (half-to-even would not join them)
+            [16, 16, 49, 48],  # (1, 1, 3.06, 3) -> (1, 1, 3, 3): with the second
+            [16, 16, 56, 48],  # (1, 1, 3.5, 3) -> (1, 1, 4, 3): alone
+        ]
+    )
+    first, group = dedup_rois(boxes, 1 / 16)
+    assert first.tolist() == [0, 1, 5] and group.tolist() == [0, 1, 0, 1, 1, 2]
+    assert torch.equal(boxes[first][group][2], boxes[0])
+    # Each group pools to the same values: RoI pooling rounds as dedup_rois does.
+    pooled = roi_pool(torch.randn(1, 3, 6, 6), boxes_to_rois([boxes]), (2, 2), 1 / 16)
+    for k in range(len(boxes)):
+        assert torch.equal(pooled[k], pooled[first[group[k]]])
+    assert not torch.equal(pooled[5], pooled[1])
+    empty_first, empty_group = dedup_rois(torch.zeros((0, 4)), 1 / 16)
+    assert empty_first.numel() == 0 and empty_group.numel() == 0

@@ -1,9 +1,17 @@
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 import torch
 
-from pipelines.detector import candidates, normalize_image, select
+from pipelines.detector import Detector, ScoreBudget, candidates, normalize_image, select
+from pipelines.fast_rcnn import FastRCNN
+from pipelines.rcnn import RCNN
+from pipelines.registry import BuildContext
+from pipelines.timing import StageTimer
 
 
 def test_select_clips_suppresses_per_class_and_caps():
@@ -76,3 +84,101 @@ def test_select_matches_a_loop_reference_on_many_classes(seed):
     assert got.labels.tolist() == [t[1] for t in want]
     torch.testing.assert_close(got.scores, torch.tensor([t[0] for t in want]))
     torch.testing.assert_close(got.boxes, torch.tensor([t[2] for t in want]))
+
+
+# Per image, the scores of 3 regions for 2 classes (dyadic: exact in float32). With at most 2 candidates
+# per class and image and 3 per class over the pass:
+#   class 1: image 0 keeps 0.875, 0.625; image 1 keeps 0.8125, 0.75 -> 4 kept, the heap drops 0.625,
+#            threshold 0.75; image 2 keeps 0.9375, 0.78125 (0.75 is not above 0.75) -> the heap keeps
+#            0.8125, 0.875, 0.9375: final threshold 0.8125.
+#   class 2: images 0 and 1 keep 0.125, 0.0625 -> 4 kept, threshold 0.0625; image 2 keeps only 0.125
+#            -> the heap keeps 0.125 three times: final threshold 0.125.
+PASS_SCORES = [
+    torch.tensor([[0.5, 0.125], [0.875, 0.0625], [0.625, 0.03125]]),
+    torch.tensor([[0.75, 0.125], [0.25, 0.0625], [0.8125, 0.03125]]),
+    torch.tensor([[0.75, 0.125], [0.9375, 0.0625], [0.78125, 0.03125]]),
+]
+APART = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]])  # no NMS between them
+
+
+def test_score_budget_by_hand():
+    budget = ScoreBudget(2, max_per_image=2, max_per_set=3)
+    kept = []
+    for scores in PASS_SCORES:
+        rows, cls = budget.candidates(scores)
+        kept.append(sorted(zip(cls.tolist(), scores[rows, cls].tolist(), strict=True)))
+    assert kept == [
+        [(0, 0.625), (0, 0.875), (1, 0.0625), (1, 0.125)],
+        [(0, 0.75), (0, 0.8125), (1, 0.0625), (1, 0.125)],
+        [(0, 0.78125), (0, 0.9375), (1, 0.125)],
+    ]
+    assert budget.thresholds == [0.8125, 0.125]
+    silent = ScoreBudget(2, max_per_image=1, max_per_set=None)  # outside a pass: records nothing
+    rows, cls = silent.candidates(PASS_SCORES[0])
+    assert (
+        rows.tolist() == [1, 0] and cls.tolist() == [0, 1] and silent.thresholds == [-math.inf] * 2
+    )
+
+
+@dataclass(frozen=True)
+class _BudgetConfig:
+    test_topk: str = "adaptive"
+    max_per_image: int = 2
+    max_per_set_factor: int = 1  # x 3 images: 3 per class
+
+
+class _Scripted(Detector):
+    """Scores region r of image i as PASS_SCORES[i][r] (the image tensor holds i)."""
+
+    name = "scripted"
+    config_class = _BudgetConfig
+
+    def fit(self, data, timer):
+        return {}
+
+    def paper_schedule(self, stages_s):
+        return {}
+
+    def _detect(self, image, proposals, timer, variant):
+        scores = PASS_SCORES[int(image)]
+        budget = self.test_budget()
+        rows, cls = candidates(scores, -1.0) if budget is None else budget.candidates(scores)
+        return select(proposals[rows], scores[rows, cls], cls + 1, (60, 60), 0.3, 100)
+
+
+def _scripted(cfg: _BudgetConfig, keeps_ties: bool) -> _Scripted:
+    det = _Scripted(cfg, BuildContext(2, torch.device("cpu"), lambda: None, Path(".")))
+    det.keeps_threshold_ties = keeps_ties
+    return det
+
+
+@pytest.mark.parametrize(
+    "pipeline, image1",
+    [(RCNN, [0.8125, 0.125]), (FastRCNN, [])],  # R-CNN keeps scores equal to the final threshold
+)
+def test_a_pass_prunes_to_the_final_thresholds(pipeline, image1):
+    det = _scripted(_BudgetConfig(), pipeline.keeps_threshold_ties)
+    timer = StageTimer("cpu")
+    det.start_pass(3)
+    dets = [det.detect(torch.tensor(0), APART, timer)]
+    state = det.pass_state()
+    det.detect(torch.tensor(1), APART, timer)
+    det.restore_pass_state(state)  # a repeated image counts once
+    dets += [det.detect(torch.tensor(i), APART, timer) for i in (1, 2)]
+    assert dets[0].scores.tolist() == [0.875, 0.625, 0.125, 0.0625]  # pruned at the end
+    final = det.finish_pass(dets)
+    ties = [0.125] if pipeline.keeps_threshold_ties else []
+    assert [d.scores.tolist() for d in final] == [[0.875, *ties], image1, [0.9375, *ties]]
+    assert det.pass_state() is None  # the pass is over
+
+
+def test_outside_a_pass_and_in_fixed_mode_nothing_is_recorded():
+    det = _scripted(_BudgetConfig(), keeps_ties=False)
+    for i in range(3):  # no pass: each image is a pass's first (2 per class, no threshold)
+        d = det.detect(torch.tensor(i), APART, StageTimer("cpu"))
+        assert len(d.scores) == 4 and det.pass_state() is None
+    fixed = _scripted(_BudgetConfig(test_topk="fixed"), keeps_ties=False)
+    fixed.start_pass(3)
+    dets = [fixed.detect(torch.tensor(i), APART, StageTimer("cpu")) for i in range(3)]
+    assert [len(d.scores) for d in dets] == [6, 6, 6]  # every pair above -1
+    assert fixed.finish_pass(dets) is dets and fixed.test_budget() is None

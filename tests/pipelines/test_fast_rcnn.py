@@ -1,16 +1,37 @@
 from __future__ import annotations
 
+from collections import Counter
+from unittest import mock
+
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.testing import assert_close
 
-from pipelines.boxes import flip_boxes
-from pipelines.detector import TrainData
-from pipelines.fast_rcnn import FastRCNN, FastRCNNConfig, detection_loss, prepare_image
+from datasets.voc import VOCDataset
+from pipelines import fast_rcnn
+from pipelines.backbones import BackboneConfig, build_backbone
+from pipelines.boxes import decode_deltas, encode_deltas, flip_boxes
+from pipelines.detector import ScoreBudget, TrainData
+from pipelines.fast_rcnn import (
+    DeltaNorm,
+    FastRCNN,
+    FastRCNNConfig,
+    detection_loss,
+    draw_image,
+    head_detections,
+    prepare_image,
+    regression_targets,
+    sample_rois,
+    training_entries,
+)
+from pipelines.sampling import match
 from pipelines.timing import StageTimer
 from pipelines.training import SolverConfig
 from tests.conftest import build_context
+from tests.pipelines.helpers import jittered_proposals, sgd_steps
 
 
 def slow_roi_pool(features: torch.Tensor, roi, p: int, scale: float) -> torch.Tensor:
@@ -117,3 +138,200 @@ def test_detect_with_zero_proposals_and_tiny_fit(tiny_voc):
     h, w = image.shape[:2]
     assert (d.boxes[:, 2] <= w).all() and (d.boxes[:, 3] <= h).all()
     assert det.paper_schedule(timer.seconds)["paper_iterations"] == 40000
+
+
+def _tiny_data(tiny_voc, images: int = 4) -> TrainData:
+    ds = VOCDataset(tiny_voc[0], "trainval")
+    anns = ds.annotations[:images]
+    props = jittered_proposals(anns, 4, seed=0)
+    # Every object a target, as in the originals: every image then has foreground RoIs.
+    return TrainData(
+        [ds.load_image(i) for i in range(images)], anns, props, 4, train_difficult=True
+    )
+
+
+def _tiny_cfg(**kw) -> FastRCNNConfig:
+    return FastRCNNConfig(
+        **{"scale": 64, "max_size": 128, "rois_per_image": 16, "svd_ranks": (8, 8), **kw}
+    )
+
+
+def test_frozen_convs_stay_unchanged_and_the_rest_trains(tiny_voc):
+    solver = SolverConfig(iters=2, lr=0.01, lr_step=1, bias_lr_mult=2.0, bias_decay=False)
+    det = FastRCNN(_tiny_cfg(frozen_convs=2, solver=solver), build_context(4))
+    before = {k: v.clone() for k, v in det.net.state_dict().items()}
+    with sgd_steps() as steps:
+        det.fit(_tiny_data(tiny_voc), StageTimer("cpu"))
+    after = det.net.state_dict()
+    # The tiny trunk's convolutions are trunk.0, 3, 6, 9, 12: the first two do not move.
+    for key in ("trunk.0.weight", "trunk.0.bias", "trunk.3.weight", "trunk.3.bias"):
+        assert torch.equal(after[key], before[key]), key
+    for key in ("trunk.6.weight", "trunk.12.bias", "head.0.weight", "head.2.bias"):
+        assert not torch.equal(after[key], before[key]), key
+    frozen = {id(p) for i in (0, 3) for p in det.net.trunk[i].parameters()}
+    new = {id(p) for layer in (det.cls_score, det.bbox_pred) for p in layer.parameters()}
+    trained = set().union(*(g["params"] for g in steps[0]))
+    assert trained == ({id(p) for p in det.net.parameters()} - frozen) | new
+    # Weights at 1x with decay, biases at 2x without; the new layers at 1x too; a step at iteration 1.
+    for k, step in enumerate(steps):
+        for g in step:
+            bias = g["weight_decay"] == 0
+            assert g["lr_mult"] == (2.0 if bias else 1.0)
+            assert g["lr"] == pytest.approx(0.01 * 0.1**k * g["lr_mult"])
+
+
+def test_frozen_convs_the_trunk_lacks_fail_when_built():
+    with pytest.raises(ValueError, match="frozen_convs: 6 asked for, but the trunk has 5"):
+        FastRCNN(_tiny_cfg(frozen_convs=6), build_context(4))
+
+
+def test_append_visits_every_image_and_its_mirror_once_per_epoch(tiny_voc):
+    assert training_entries([0, 2, 5], "append") == [0, 1, 4, 5, 10, 11]
+    assert (
+        training_entries([0, 2, 5], "random") == training_entries([0, 2, 5], "none") == [0, 4, 10]
+    )
+    data = _tiny_data(tiny_voc)
+    n = len(data.images)
+    seen = []
+    real_prepare = fast_rcnn.prepare_image
+
+    def spy(image, scale, max_size, flip=False):
+        i = next(k for k in range(n) if image.data_ptr() == data.images[k].ctypes.data)
+        seen.append((i, flip))
+        return real_prepare(image, scale, max_size, flip)
+
+    # n iterations of 2 images: one epoch of the doubled set, then one more.
+    det = FastRCNN(_tiny_cfg(solver=SolverConfig(iters=n + 1)), build_context(4))
+    with mock.patch.object(fast_rcnn, "prepare_image", side_effect=spy):
+        det.fit(data, StageTimer("cpu"))
+    assert Counter(seen[: 2 * n]) == Counter((i, f) for i in range(n) for f in (False, True))
+    again = FastRCNN(_tiny_cfg(solver=SolverConfig(iters=n + 1)), build_context(4))
+    first, seen[:] = list(seen), []
+    with mock.patch.object(fast_rcnn, "prepare_image", side_effect=spy):
+        again.fit(data, StageTimer("cpu"))
+    assert seen == first  # the same seed, the same order
+
+
+def test_draw_image_takes_each_entry_once_per_epoch():
+    gen, order, pool = torch.Generator().manual_seed(0), [], [0, 1, 4, 5]
+    epochs = [sorted(draw_image(order, pool, gen) for _ in pool) for _ in range(3)]
+    assert epochs == [pool] * 3
+
+
+def test_delta_norm_by_hand():
+    deltas = torch.tensor(
+        [[0.1, 0.2, 0.0, 0.5], [0.3, 0.2, 0.2, -0.5], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]
+    )
+    labels = torch.tensor([1, 1, 2, 1])
+    norm = DeltaNorm.fit(deltas[:3], labels[:3], 3)
+    # Class 1: means (0.2, 0.2, 0.1, 0), population stds (0.1, 0 -> 1, 0.1, 0.5); class 2: one target,
+    # so its own mean and std 1; class 3: none, mean 0 and std 1.
+    assert_close(norm.mean, torch.tensor([[0.2, 0.2, 0.1, 0.0], [1, 1, 1, 1], [0, 0, 0, 0]]))
+    assert_close(norm.std, torch.tensor([[0.1, 1, 0.1, 0.5], [1, 1, 1, 1], [1, 1, 1, 1]]))
+    normalised = norm.normalize(deltas, labels)
+    assert_close(
+        normalised,
+        torch.tensor([[-1.0, 0, -1, 1], [1, 0, 1, -1], [0, 0, 0, 0], [-2, -0.2, -1, 0]]),
+    )
+    assert_close(norm.denormalize(normalised, labels), deltas)
+
+
+def test_regression_targets_take_matched_rois_and_mirrored_copies():
+    gt = torch.tensor([[0.0, 0, 10, 10]])
+    rois = torch.tensor([[0.0, 0, 10, 10], [1, 0, 11, 10], [30, 30, 40, 40]])  # gt, IoU 0.82, 0
+    m = match(rois, gt, torch.tensor([2]), 0.5)
+    deltas, labels = regression_targets([rois], [gt], [m], mirrored=False)
+    # The ground truth's own target is 0; the shifted box's centre is 0.1 of its width to the left.
+    assert_close(deltas, torch.tensor([[0.0, 0, 0, 0], [-0.1, 0, 0, 0]]))
+    assert labels.tolist() == [2, 2]
+    both, labels = regression_targets([rois], [gt], [m], mirrored=True)
+    assert_close(both[2:], torch.tensor([[0.0, 0, 0, 0], [0.1, 0, 0, 0]]))
+    assert labels.tolist() == [2, 2, 2, 2]
+    norm = DeltaNorm.fit(both, labels, 2)
+    assert_close(norm.mean[1], torch.zeros(4))  # mirrored copies centre dx
+    assert_close(norm.std[1], torch.tensor([0.005**0.5, 1, 1, 1]))  # sqrt((0.01 + 0.01) / 4)
+
+
+def _fixed_head(k: int, fc_dim: int, cls_bias: list[float], deltas: list[float]):
+    """cls_score and bbox_pred that ignore fc7: constant logits and deltas."""
+    cls_score, bbox_pred = nn.Linear(fc_dim, k + 1), nn.Linear(fc_dim, 4 * k)
+    for layer, bias in ((cls_score, cls_bias), (bbox_pred, deltas)):
+        nn.init.zeros_(layer.weight)
+        layer.bias.data = torch.tensor(bias)
+    return cls_score, bbox_pred
+
+
+def test_targets_normalised_in_training_and_mapped_back_at_test():
+    norm = DeltaNorm(torch.tensor([[0.1, -0.1, 0.0, 0.2]]), torch.tensor([[0.5, 0.5, 0.25, 0.25]]))
+    gt = torch.tensor([[10.0, 10, 30, 40]])
+    rois = torch.tensor([[12.0, 8, 32, 36]])
+    m = match(rois, gt, torch.tensor([1]), 0.5)
+    cfg = _tiny_cfg(rois_per_image=1, fg_fraction=1.0)
+    _, _, targets = sample_rois(rois, gt, m, cfg, torch.Generator().manual_seed(0), norm)
+    want = (encode_deltas(rois, gt) - norm.mean) / norm.std
+    assert_close(targets, want)
+    # A head that predicts exactly that target puts the box back on the ground truth.
+    net = build_backbone(BackboneConfig())
+    heads = _fixed_head(1, net.fc_dim, [0.0, 5.0], targets[0].tolist())
+    features = torch.zeros(1, net.channels, 4, 4)
+    det = head_detections(
+        net, net.head, heads, features, rois, 1.0, (64, 64), cfg, StageTimer("cpu"), norm=norm
+    )
+    assert_close(det.boxes, gt)
+    fixed = head_detections(
+        net, net.head, heads, features, rois, 1.0, (64, 64), cfg, StageTimer("cpu")
+    )
+    assert_close(fixed.boxes[0], decode_deltas(rois, targets, cfg.bbox_stds)[0])  # bbox_stds only
+
+
+def test_dedup_pools_duplicates_once_and_maps_them_back():
+    net = build_backbone(BackboneConfig())
+    features = torch.randn(1, net.channels, 6, 6)
+    # At s = 2 and stride 16, RoIs 0 and 1 are both (0, 0, 2, 2) on the map; RoI 2 is (2, 2, 5, 5).
+    proposals = torch.tensor([[0.0, 0, 16, 16], [1, 1, 15, 17], [16, 16, 40, 40]])
+    heads = fast_rcnn.new_heads(net.fc_dim, 2)
+    nn.init.normal_(heads[1].weight, std=0.1)  # deltas that move the boxes
+    cfg = _tiny_cfg(test_topk="fixed", score_thresh=0.0)  # every (RoI, class) pair a candidate
+    pooled, candidates = [], []
+
+    def pool_spy(*args):
+        pooled.append(len(args[2]))
+        return real_pool(*args)
+
+    def select_spy(boxes, scores, labels, *args):  # candidates in (RoI, class) order
+        candidates.append((boxes.reshape(3, 2, 4), scores.reshape(3, 2)))
+        return real_select(boxes, scores, labels, *args)
+
+    real_pool, real_select = fast_rcnn.pool_rois, fast_rcnn.select
+    with (
+        mock.patch.object(fast_rcnn, "pool_rois", side_effect=pool_spy),
+        mock.patch.object(fast_rcnn, "select", side_effect=select_spy),
+    ):
+        for dedup in (1 / 16, 0.0):
+            head_detections(
+                net,
+                net.head,
+                heads,
+                features,
+                proposals,
+                2.0,
+                (48, 48),
+                cfg,
+                StageTimer("cpu"),
+                dedup=dedup,
+            )
+    assert pooled == [2, 3]  # two unique RoIs pooled with dedup, three without
+    (boxes_on, scores_on), (boxes_off, scores_off) = candidates
+    # RoI 1 gets RoI 0's scores (the same pooled features either way) and RoI 0's regressed boxes.
+    assert torch.equal(scores_on, scores_off)
+    assert torch.equal(boxes_on[1], boxes_on[0]) and not torch.equal(boxes_off[1], boxes_off[0])
+    assert torch.equal(boxes_on[[0, 2]], boxes_off[[0, 2]])
+
+
+def test_adaptive_detect_keeps_at_most_max_per_image_per_class(tiny_voc):
+    data = _tiny_data(tiny_voc, images=1)
+    det = FastRCNN(_tiny_cfg(max_per_image=1), build_context(4))
+    image, proposals = torch.from_numpy(data.images[0]), torch.from_numpy(data.proposals[0])
+    d = det.detect(image, proposals, StageTimer("cpu"))
+    assert sorted(d.labels.tolist()) == [1, 2, 3, 4]  # untrained: every class scores some RoI
+    assert isinstance(det.test_budget(), ScoreBudget)

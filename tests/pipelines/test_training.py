@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.training import SolverConfig, learning_rate, param_groups, run_sgd
+from pipelines.training import SolverConfig, learning_rate, param_groups, run_sgd, solver_rows
 
 
 def test_step_schedule_by_hand():
@@ -39,3 +39,29 @@ def test_caffe_multipliers_frozen_layers_and_the_lr_actually_used():
     run_sgd(groups, SolverConfig(**{**solver.__dict__, "iters": 1}), loss_fn, "test")
     torch.testing.assert_close(frozen.weight, before["frozen"])
     torch.testing.assert_close(new.bias, before["bias"] - 0.01 * 20 * 4)
+
+
+def test_a_step_beyond_a_short_run_never_changes_the_rate():
+    # The paper configs keep the originals' lr_step (20k, 30k) with a 1000-iteration run.
+    solver = SolverConfig(iters=1000, lr=0.001, lr_step=30000)
+    assert {learning_rate(solver, it) for it in range(solver.iters)} == {0.001}
+    x = torch.ones(1, 2)
+    layer = nn.Linear(2, 1)
+    losses = run_sgd(
+        layer.parameters(), SolverConfig(iters=3, lr_step=30000), lambda _: layer(x).sum(), "t"
+    )
+    assert len(losses) == 3
+
+
+def test_solver_rows_compare_with_the_original():
+    solver = SolverConfig(iters=500, lr=0.01, lr_step=20000, bias_lr_mult=2.0, bias_decay=False)
+    rows = solver_rows(
+        "p",
+        solver,
+        {"lr": (0.001, "a:5"), "lr_step": (20000, "a:6-8"), "bias_decay": (False, "b:28")},
+    )
+    assert [(r.name, r.original, r.value, r.status, r.source) for r in rows] == [
+        ("base learning rate", "0.001", "0.01", "deviation", "a:5"),
+        ("learning rate x0.1 every (iterations)", "20000", "20000", "match", "a:6-8"),
+        ("weight decay on biases", "False", "False", "match", "b:28"),
+    ]
