@@ -64,9 +64,10 @@ __all__ = [
 ]
 
 
-# The paper's fine-tuning solver (pascal_finetune_solver.prototxt:5-12, pascal_finetune_train.prototxt
-# :25-28): lr 0.001 divided by 10 every 20k iterations, biases at 2x without weight decay; the released
-# VOC07 model is the 70k-iteration snapshot (README.md:203), so the hours extrapolate to 70k.
+# The paper's fine-tuning solver: lr 0.001 divided by 10 every 20k iterations
+# (pascal_finetune_solver.prototxt:5-12), biases at 2x without weight decay
+# (pascal_finetune_train.prototxt:25-28); the released VOC07 model is the 70k-iteration snapshot
+# (README.md:203), so the hours extrapolate to 70k.
 PAPER_SOLVER = SolverConfig(
     paper_iters=70000, lr=1e-3, lr_step=20000, bias_lr_mult=2.0, bias_decay=False
 )
@@ -78,9 +79,7 @@ class RCNNConfig:
 
     context_pad: int = 16  # context around each warped box, in warped pixels
     solver: SolverConfig = field(default_factory=lambda: PAPER_SOLVER)
-    cls_lr_mult: float = (
-        10.0  # the new classifier's learning-rate multiplier (its bias: x bias mult)
-    )
+    cls_lr_mult: float = 10.0  # the new classifier's lr multiplier (its bias: times bias_lr_mult)
     mirror: bool = True  # mirror each fine-tuning region horizontally with probability 1/2
     batch_size: int = 128  # regions per fine-tuning batch
     fg_fraction: float = 0.25  # 32 of 128
