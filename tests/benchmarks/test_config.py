@@ -73,3 +73,13 @@ def test_missing_file_and_bad_override(tmp_path):
         load_config(None, ["pipelines.rcnn.solver.iters"])
     with pytest.raises(ConfigError, match=re.escape("unknown key 'bench.timed'")):
         load_config(None, ["bench.timed=3"])
+
+
+def test_readme_fidelity_table_is_the_commands_output(capsys):
+    from benchmarks.cli import main
+
+    assert main(["fidelity", "--config", "benchmarks/configs/vgg16_voc07.yaml", "--markdown"]) == 0
+    table = capsys.readouterr().out.strip()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    shown = readme.split("<!-- fidelity:vgg16_voc07 -->\n")[1].split("\n<!-- /fidelity -->")[0]
+    assert shown.strip() == table
