@@ -503,9 +503,9 @@ class FastRCNN(Detector):
         self.delta_norm: DeltaNorm | None = None  # fitted in fit() for bbox_normalize "per_class"
         self.svd_head: nn.Sequential | None = None
 
-    def _pool(self, features: Tensor, rois: Tensor) -> Tensor:
-        """(N, C, h, w) map and (R, 5) RoIs in resized pixels -> (R, C, P, P)."""
-        return pool_rois(self.net, features, rois)
+    def test_modules(self, variant: str | None = None) -> list[nn.Module]:
+        head = self.svd_head if variant == "svd" else self.net.head
+        return [self.net.trunk, head, self.cls_score, self.bbox_pred]
 
     def test_tensors(self, variant: str | None = None) -> list[Tensor]:
         """The per-class target means and standard deviations the test-time deltas are mapped back

@@ -35,7 +35,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
@@ -169,6 +169,9 @@ class FasterRCNN(Detector):
             layer.to(self.device) for layer in new_heads(backbone.fc_dim, self.num_classes)
         )
         self.rpn = build_rpn(cfg, backbone.channels).to(self.device).eval()
+
+    def test_modules(self, variant: str | None = None) -> list[nn.Module]:
+        return [self.net, self.rpn, self.cls_score, self.bbox_pred]
 
     # -- training ---------------------------------------------------------------------------------
 

@@ -182,6 +182,13 @@ class SVMHead:
     reg_scale: float
     regressors: BoxRegressors
 
+    def tensors(self, with_regressors: bool = True) -> list[Tensor]:
+        """What runs at test time: the SVMs, and (unless left out) the box regressors."""
+        reg = self.regressors
+        return [self.weight, self.bias] + (
+            [reg.weight, reg.bias, reg.t_inv, reg.mu] if with_regressors else []
+        )
+
     def to(self, device: torch.device) -> SVMHead:
         return SVMHead(
             self.weight.to(device),
@@ -418,6 +425,12 @@ class RCNN(Detector):
         nn.init.zeros_(self.cls.bias)
         self.cache_dir = Path(context.cache_dir)
         self.svms: SVMHead | None = None
+
+    def test_modules(self, variant: str | None = None) -> list[nn.Module]:
+        return [self.net]  # the fine-tuning classifier does not run at test time
+
+    def test_tensors(self, variant: str | None = None) -> list[Tensor]:
+        return self.svms.tensors(with_regressors=variant != "no_bbox_reg") if self.svms else []
 
     # Box-regression examples (IoU > 0.6 with a ground-truth box) are a small share of the regions:
     # the disk estimate allows this much of them.

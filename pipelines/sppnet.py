@@ -171,6 +171,12 @@ class SPPnet(Detector):
         self.cache_dir = Path(context.cache_dir)
         self.svms: SVMHead | None = None
 
+    def test_modules(self, variant: str | None = None) -> list[nn.Module]:
+        return [self.trunk, self.head]  # the fine-tuning classifier does not run at test time
+
+    def test_tensors(self, variant: str | None = None) -> list[Tensor]:
+        return self.svms.tensors(with_regressors=variant != "no_bbox_reg") if self.svms else []
+
     def _pyramid(self, features: Tensor, boxes: Tensor) -> Tensor:
         """(1, C, h, w) map and (R, 4) boxes in its image's pixels -> (R, C*L)."""
         rois = boxes_to_rois([boxes.to(features.dtype)])

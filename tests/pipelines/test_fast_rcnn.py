@@ -22,6 +22,7 @@ from pipelines.fast_rcnn import (
     detection_loss,
     draw_image,
     head_detections,
+    pool_rois,
     prepare_image,
     regression_targets,
     sample_rois,
@@ -57,7 +58,7 @@ def test_roi_pool_matches_slow_reference():
     rois = torch.tensor(
         [[0, 0.0, 0, 175, 143], [0, 16, 32, 80, 64], [0, 40, 8, 47, 15], [0, 150, 100, 300, 300]]
     )
-    got = det._pool(features, rois)  # pool 4x4 at scale 1/16
+    got = pool_rois(det.net, features, rois)  # pool 4x4 at scale 1/16
     for k in range(len(rois)):
         assert_close(got[k], slow_roi_pool(features[0], rois[k, 1:].tolist(), 4, 1 / 16))
 
@@ -335,3 +336,16 @@ def test_adaptive_detect_keeps_at_most_max_per_image_per_class(tiny_voc):
     d = det.detect(image, proposals, StageTimer("cpu"))
     assert sorted(d.labels.tolist()) == [1, 2, 3, 4]  # untrained: every class scores some RoI
     assert isinstance(det.test_budget(), ScoreBudget)
+
+
+def test_model_size_counts_what_each_variant_runs():
+    from pipelines.svd import compress_head
+
+    det = FastRCNN(FastRCNNConfig(), build_context(3))
+    det.svd_head = compress_head(det.net.head, (16, 8))
+    full = det.model_size()["params"]
+    # fc6 2048 -> 256 and fc7 256 -> 256 become 2048 -> 16 -> 256 and 256 -> 8 -> 256 (one bias each).
+    head = 2048 * 256 + 256 + 256 * 256 + 256
+    svd = 2048 * 16 + 16 * 256 + 256 + 256 * 8 + 8 * 256 + 256
+    assert det.model_size("svd")["params"] == full - head + svd
+    assert det.model_size()["bytes"] == 4 * full

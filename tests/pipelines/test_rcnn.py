@@ -39,6 +39,12 @@ def test_tiny_fit_records_every_stage_and_detects(tiny_voc, tmp_path):
     det = RCNN(cfg, build_context(4, tmp_path / "cache"))
     timer = StageTimer("cpu")
     info = det.fit(data, timer)
+    # The model run at test time: the network, 4 SVMs on fc7 (256) and 4 box regressors on pool5
+    # (128 x 4 x 4), with their 4x4 un-whitening and means; the fine-tuning classifier is not in it.
+    net = sum(p.numel() for p in det.net.parameters())
+    svms, regressors = 256 * 4 + 4, 4 * 2048 * 4 + 4 * 4 + 4 * 16 + 4 * 4
+    assert det.model_size()["params"] == net + svms + regressors
+    assert det.model_size("no_bbox_reg")["params"] == net + svms
     assert set(timer.seconds) == {"finetune", "features", "svm", "bbox_reg"}
     regions = sum(len(p) for p in props.boxes) + sum(
         int((~a.difficult).sum()) for a in ds.annotations
