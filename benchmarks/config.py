@@ -52,6 +52,9 @@ class DataConfig:
             raise ValueError("data.images is for kind 'coco' (a VOC folder keeps JPEGImages/)")
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")  # bench.precision: pipelines.timing.autocast's choices
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """How inference is timed (docs/design.md, "Timing rules")."""
@@ -69,8 +72,16 @@ class BenchConfig:
     pairs: tuple[tuple[str, str], ...] = ()  # more (baseline, candidate) speedups to report
     busy_share: float = 0.15  # warn when other processes used more of the CPU than this
     sweep_repeats: int = 1  # like repeats, for the sweep points
+    precision: str = (
+        "fp32"  # test-time passes: fp32 (the papers'), bf16 or fp16 under torch.autocast
+    )
+    channels_last: bool = False  # test-time networks in channels-last memory format
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"bench.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
         for key in ("warmup_images", "timed_images"):
             if getattr(self, key) < 0:
                 raise ValueError(f"bench.{key} must be >= 0, got {getattr(self, key)}")

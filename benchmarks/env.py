@@ -38,12 +38,15 @@ def resolve_device(name: str) -> torch.device:
 
 def make_reproducible(seed: int, deterministic: bool, device: torch.device) -> None:
     """Seed Python's, NumPy's and torch's global generators and, with ``deterministic``, make torch
-    pick deterministic kernels (an error where an op has none).
+    pick deterministic kernels.
 
-    On CUDA this also sets CUBLAS_WORKSPACE_CONFIG=:4096:8 (cuBLAS reproducibility needs it, before
-    the first cuBLAS call), turns off cuDNN's benchmark autotuner and asks cuDNN for deterministic
-    algorithms: PyTorch's "Reproducibility" notes. Same config, same seed, same machine and thread
-    count: the same losses, detections and APs.
+    On the CPU an op without a deterministic kernel is an error. On CUDA this also sets
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 (cuBLAS reproducibility needs it, before the first cuBLAS call),
+    turns off cuDNN's benchmark autotuner and asks cuDNN for deterministic algorithms: PyTorch's
+    "Reproducibility" notes. There an op without a deterministic kernel only warns, because
+    torchvision's RoI pooling backward accumulates with atomics and has none: CUDA inference is
+    reproducible, CUDA training of the pipelines that pool RoIs is not bit-exact. Same config, same
+    seed, same machine and thread count on a CPU: the same losses, detections and APs.
     """
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002 (the global stream a library may draw from)
@@ -54,7 +57,7 @@ def make_reproducible(seed: int, deterministic: bool, device: torch.device) -> N
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
 
 
 @contextmanager
@@ -127,6 +130,8 @@ def environment(device: torch.device) -> dict:
         "torchvision": torchvision.__version__,
         "cuda": torch.version.cuda if cuda else None,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32 if cuda else None,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32 if cuda else None,
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),

@@ -8,7 +8,7 @@ alternating image by image, every run timing the same recorded list of images.
 
 from __future__ import annotations
 
-import time
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,7 +22,7 @@ from benchmarks.memory import allocation_peak
 from benchmarks.roofline import CostTimer
 from pipelines.detector import Detections, Detector
 from pipelines.progress import progress
-from pipelines.timing import StageTimer, synchronize
+from pipelines.timing import StageTimer, autocast, device_clock
 
 __all__ = [
     "PassResult",
@@ -46,11 +46,13 @@ class TimingPlan:
         warmup: run once before timing, not counted.
         timed: timed, in order; the same list for the main pass and every variant.
         repeats: times each timed image is run; its figure is the median of these.
+        precision: what the passes run in (pipelines.timing.autocast).
     """
 
     warmup: tuple[int, ...]
     timed: tuple[int, ...]
     repeats: int = 1
+    precision: str = "fp32"
 
 
 @dataclass
@@ -94,30 +96,32 @@ def plan_timing(bench: BenchConfig, n_test: int) -> TimingPlan:
         )
     if bench.timed_images:
         timed = timed[: bench.timed_images]
-    return TimingPlan(warmup, timed, bench.repeats)
+    return TimingPlan(warmup, timed, bench.repeats, bench.precision)
 
 
 def _timed_detect(
-    det: Detector, image: Tensor, boxes: Tensor | None, device: torch.device, variant: str | None
+    det: Detector,
+    image: Tensor,
+    boxes: Tensor | None,
+    device: torch.device,
+    variant: str | None,
+    precision: str,
 ) -> tuple[Detections, float, dict[str, float]]:
     """One detection, its wall time (ms) and its stage times (ms)."""
     timer = StageTimer(device)
-    synchronize(device)
-    start = time.perf_counter()
-    dets = det.detect(image, boxes, timer, variant)
-    synchronize(device)
-    ms = (time.perf_counter() - start) * 1000
-    return dets, ms, {k: v * 1000 for k, v in timer.seconds.items()}
+    with device_clock(device) as took, autocast(device, precision):
+        dets = det.detect(image, boxes, timer, variant)
+    return dets, took[0] * 1000, {k: v * 1000 for k, v in timer.seconds.items()}
 
 
-def _median_run(det, image, boxes, device, variant, repeats):
+def _median_run(det, image, boxes, device, variant, repeats, precision):
     """The detections of the first run, and the time and stages of the median of ``repeats``."""
     state = det.pass_state()  # a repeat must not count the image twice in the pass's budget
     runs = []
     for k in range(repeats):
         if k:
             det.restore_pass_state(state)
-        runs.append(_timed_detect(det, image, boxes, device, variant))
+        runs.append(_timed_detect(det, image, boxes, device, variant, precision))
     ordered = sorted(runs, key=lambda r: r[1])
     median = ordered[(len(ordered) - 1) // 2]
     return runs[0][0], median[1], median[2]
@@ -149,7 +153,7 @@ def time_pass(
     order = list(detectors.items())
     for i in plan.warmup:
         for name, det in order:
-            _timed_detect(det, test.images[i], boxes_for(name, i), device, variant)
+            _timed_detect(det, test.images[i], boxes_for(name, i), device, variant, plan.precision)
     timed = set(plan.timed)
     out = {name: PassResult() for name in detectors}
     indices = range(len(test.images)) if images is None else images
@@ -158,7 +162,9 @@ def time_pass(
     for step, i in enumerate(progress(indices, desc, "img")):
         for name, det in order if step % 2 == 0 else order[::-1]:
             repeats = plan.repeats if i in timed else 1
-            run = _median_run(det, test.images[i], boxes_for(name, i), device, variant, repeats)
+            run = _median_run(
+                det, test.images[i], boxes_for(name, i), device, variant, repeats, plan.precision
+            )
             out[name].detections.append(run[0])
             if i in timed:
                 out[name].samples_ms.append(run[1])
@@ -197,7 +203,7 @@ def proposal_sweep(
         {"proposals": [...], "images": n, "ms": {pipeline: [median ms per point]}}.
     """
     images = plan.timed[: bench.sweep_images]
-    sweep_plan = TimingPlan((), images, plan.repeats)
+    sweep_plan = dataclasses.replace(plan, warmup=(), timed=images)
     ms: dict[str, list[float]] = {name: [] for name in detectors}
     uses_shared = any(not det.owns_proposals for det in detectors.values())
     for n in bench.sweep_proposals:

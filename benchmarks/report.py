@@ -25,6 +25,7 @@ from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 from benchmarks import tables
 from benchmarks.fidelity import fidelity_table
 from benchmarks.results import history_line, read_results
+from benchmarks.roofline import reference_gflops
 from datasets.voc import read_image
 from pipelines import registry
 from pipelines.progress import progress
@@ -151,7 +152,7 @@ def _fig_roofline(results: dict, out: Path) -> str | None:
     fig, ax = plt.subplots(figsize=(WIDTH, 4.5))
     xs = [e["intensity"] for _, _, e in points]
     grid = np.logspace(np.log10(min(xs) / 4), np.log10(max(xs) * 4), 100)
-    peak, bw = peaks["matmul_float32_gflops"], peaks["bandwidth_gbs"]
+    peak, bw = reference_gflops(peaks), peaks["bandwidth_gbs"]
     ax.plot(grid, np.minimum(peak, bw * grid), color="black", lw=1.5, label="roofline (measured)")
     for name, stage, e in points:
         ax.scatter(e["intensity"], e["gflops_per_s"], s=40, color=colours[name])

@@ -9,7 +9,6 @@ arithmetic intensity and its share of the ceiling that applies to it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -18,42 +17,80 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipelines.timing import StageTimer, synchronize
+from pipelines.timing import StageTimer, device_clock
 
-__all__ = ["CostTimer", "machine_peaks", "stage_efficiency"]
+__all__ = [
+    "CostTimer",
+    "machine_peaks",
+    "reference_gflops",
+    "stage_efficiency",
+    "with_reference",
+]
 
 
 def _best_seconds(fn, device: torch.device, repeats: int) -> float:
     fn()  # warm up
     best = float("inf")
     for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
+        with device_clock(device) as took:
+            fn()
+        best = min(best, took[0])
     return best
 
 
-def machine_peaks(device: torch.device, size: int = 1024, repeats: int = 5) -> dict[str, float]:
-    """The device's best measured matrix-multiply rate (float32; bf16 and fp16 too on a GPU), in
-    GFLOP/s, and its memory bandwidth (a large copy, bytes read plus written), in GB/s.
+def machine_peaks(device: torch.device, repeats: int = 5) -> dict[str, float]:
+    """The device's best measured matrix-multiply rate in GFLOP/s (float32; on a GPU also TF32,
+    bf16 and fp16, square products of 8192, large enough to reach the tensor cores' rate), and its
+    memory bandwidth (a large copy, bytes read plus written), in GB/s.
 
-    With the thread count already set: on a CPU the rate is that of the threads the run uses.
+    With the thread count already set: on a CPU the rate is that of the threads the run uses. On a GPU
+    "float32" is true float32 (TF32 off for the probe) and "tf32" the rate cuDNN's convolutions reach
+    at PyTorch's default (``torch.backends.cudnn.allow_tf32``, recorded in ``env``).
     """
     out = {}
-    dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if device.type == "cuda" else [])
-    for dtype in dtypes:
+    cuda = device.type == "cuda"
+    size = 8192 if cuda else 1024
+    kinds = [("float32", torch.float32, False)]
+    if cuda:
+        kinds += [("tf32", torch.float32, True), ("bfloat16", torch.bfloat16, False)]
+        kinds += [("float16", torch.float16, False)]
+    for label, dtype, tf32 in kinds:
         a = torch.randn(size, size, device=device).to(dtype)
         b = torch.randn(size, size, device=device).to(dtype)
-        seconds = _best_seconds(lambda a=a, b=b: a @ b, device, repeats)
-        out[f"matmul_{str(dtype).split('.')[-1]}_gflops"] = 2 * size**3 / seconds / 1e9
+        saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            seconds = _best_seconds(lambda a=a, b=b: a @ b, device, repeats)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved
+        out[f"matmul_{label}_gflops"] = 2 * size**3 / seconds / 1e9
     n = 2**25 if device.type == "cpu" else 2**28  # 128 MiB or 1 GiB of float32: past the caches
     src = torch.empty(n, device=device)
     dst = torch.empty_like(src)
     seconds = _best_seconds(lambda: dst.copy_(src), device, repeats)
     out["bandwidth_gbs"] = 2 * src.nbytes / seconds / 1e9
     return out
+
+
+def with_reference(peaks: dict, precision: str, tf32_convs: bool) -> dict:
+    """``peaks`` plus the rate each stage's share is taken of: "compute_kind" and "compute_gflops".
+
+    That is the matrix-multiply rate in the precision the timed passes run in: float32 on a CPU;
+    on a GPU at fp32, TF32 when ``tf32_convs`` (cuDNN's convolutions may use it: PyTorch's default,
+    ``torch.backends.cudnn.allow_tf32``), else float32; bf16 and fp16 their own.
+    """
+    if precision == "fp32":
+        kind = "tf32" if tf32_convs and "matmul_tf32_gflops" in peaks else "float32"
+    else:
+        kind = {"bf16": "bfloat16", "fp16": "float16"}[precision]
+        if f"matmul_{kind}_gflops" not in peaks:  # a CPU: its 16-bit rate is not probed
+            kind = "float32"
+    return {**peaks, "compute_kind": kind, "compute_gflops": peaks[f"matmul_{kind}_gflops"]}
+
+
+def reference_gflops(peaks: dict) -> float:
+    """The rate a stage's share is taken of (results before with_reference: float32's)."""
+    return peaks.get("compute_gflops", peaks["matmul_float32_gflops"])
 
 
 class _Bytes(TorchDispatchMode):
@@ -92,7 +129,7 @@ def stage_efficiency(
 ) -> dict[str, dict]:
     """Per stage with FLOPs: FLOPs, bytes, ms (the timed mean), achieved GFLOP/s, intensity
     (FLOP/byte), the roofline's ceiling at that intensity and the achieved share of it."""
-    peak, bandwidth = peaks["matmul_float32_gflops"], peaks["bandwidth_gbs"]
+    peak, bandwidth = reference_gflops(peaks), peaks["bandwidth_gbs"]
     out = {}
     for name, f in flops.items():
         ms = stages_ms.get(name, 0.0)

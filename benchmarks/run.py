@@ -48,7 +48,7 @@ from benchmarks.memory import PeakMemory
 from benchmarks.preflight import check_disk, check_output, check_splits, clean_leftovers
 from benchmarks.report import render
 from benchmarks.results import SCHEMA_VERSION, append_history, validate, write_json
-from benchmarks.roofline import machine_peaks, stage_efficiency
+from benchmarks.roofline import machine_peaks, stage_efficiency, with_reference
 from benchmarks.stats import bootstrap_ratio, paired_ratio, summarize
 from datasets.describe import describe
 from pipelines import registry
@@ -65,10 +65,12 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path:
     """One benchmark run. Returns the run folder (results.json inside)."""
     started = time.perf_counter()
     device = setup(cfg)
-    peaks = machine_peaks(device)
+    tf32_convs = device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    peaks = with_reference(machine_peaks(device), cfg.bench.precision, tf32_convs)
     log(
-        f"{device}: matrix multiply {peaks['matmul_float32_gflops']:.0f} GFLOP/s (float32), "
-        f"memory {peaks['bandwidth_gbs']:.1f} GB/s"
+        f"{device}: matrix multiply {peaks['compute_gflops']:.0f} GFLOP/s "
+        f"({peaks['compute_kind']}), memory {peaks['bandwidth_gbs']:.1f} GB/s; test-time "
+        f"precision {cfg.bench.precision}{', channels-last' if cfg.bench.channels_last else ''}"
     )
     check_output(cfg)
     clean_leftovers(cfg)
@@ -84,6 +86,7 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path:
     detectors = build_pipelines(cfg, backbone, splits.train.num_classes, device)
     train = load_train_set(splits, proposals, cfg.data.train_difficult)
     training = train_pipelines(detectors, train, device, cfg.seed)
+    prepare_test(detectors, cfg.bench.channels_last)
     test = load_test_set(splits, proposals, device)
     load_before = machine_load()
     main = time_pass(detectors, test, _boxes_for(detectors, test), plan, device)
@@ -144,6 +147,17 @@ def build_pipelines(
     if weights_sha1(backbone) != before:
         raise RuntimeError("a pipeline changed the shared initial weights while it was built")
     return detectors
+
+
+def prepare_test(detectors: dict[str, Detector], channels_last: bool) -> None:
+    """With ``bench.channels_last``, every network a pipeline runs at test time (each enabled
+    variant's too) in channels-last memory format; the inputs follow the weights' format."""
+    if not channels_last:
+        return
+    for det in detectors.values():
+        for variant in (None, *det.enabled_variants()):
+            for module in det.test_modules(variant):
+                module.to(memory_format=torch.channels_last)
 
 
 def train_pipelines(

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from benchmarks.roofline import reference_gflops
+
 __all__ = [
     "coco_table",
     "console",
@@ -227,7 +229,8 @@ def efficiency_notes(results: dict) -> list[str]:
         if eff:
             seconds = sum(e["ms"] for e in eff.values()) / 1000
             share[name] = sum(e["flops"] for e in eff.values()) / 1e9 / seconds
-    peak = results["env"].get("peaks", {}).get("matmul_float32_gflops")
+    peaks = results["env"].get("peaks")
+    peak = reference_gflops(peaks) if peaks else None
     notes = []
     for s in results["speedup"].values():
         b, c = pipes[s["baseline"]], pipes[s["candidate"]]

@@ -267,10 +267,20 @@ def new_heads(fc_dim: int, num_classes: int) -> tuple[nn.Linear, nn.Linear]:
     return cls_score, bbox_pred
 
 
+def roi_max_pool(features: Tensor, rois: Tensor, size: int, spatial_scale: float) -> Tensor:
+    """torchvision's RoI max pooling in any precision: (N, C, h, w) maps and (R, 5) RoIs ->
+    (R, C, size, size) in the maps' dtype. Under autocast the maps may be 16-bit; torchvision's CPU
+    kernel has no bf16, so the pooling runs in float32 as torchvision's own autocast rule does on CUDA
+    (a max picks one value: the result is the same)."""
+    pooled = roi_pool(
+        features.float(), rois.float(), output_size=(size, size), spatial_scale=spatial_scale
+    )
+    return pooled.to(features.dtype)
+
+
 def pool_rois(net: Backbone, features: Tensor, rois: Tensor) -> Tensor:
     """RoI max pooling: (N, C, h, w) map and (R, 5) RoIs in resized pixels -> (R, C, P, P)."""
-    p = net.pool_size
-    return roi_pool(features, rois, output_size=(p, p), spatial_scale=1.0 / net.stride)
+    return roi_max_pool(features, rois, net.pool_size, 1.0 / net.stride)
 
 
 def sample_rois(

@@ -41,11 +41,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_pool
 
 from pipelines.boxes import boxes_to_rois
 from pipelines.detector import Detections, Detector, TrainData
-from pipelines.fast_rcnn import draw_image, images_in_band, prepare_image
+from pipelines.fast_rcnn import draw_image, images_in_band, prepare_image, roi_max_pool
 from pipelines.rcnn import SVMHead, svm_detections, train_svm_head, training_regions
 from pipelines.registry import BuildContext, PaperFigures, register
 from pipelines.sampling import Matches, sample_fg_bg
@@ -103,7 +102,7 @@ def spatial_pyramid_pool(
         the order given.
     """
     scale = 1.0 / stride
-    pooled = [roi_pool(features, rois, (lv, lv), spatial_scale=scale) for lv in levels]
+    pooled = [roi_max_pool(features, rois, lv, scale) for lv in levels]
     return torch.cat([p.flatten(1) for p in pooled], dim=1)
 
 

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import typing
 from unittest import mock
 
 import pytest
 import torch
+from torch import nn
 
-from pipelines.timing import StageTimer
+from pipelines.timing import StageTimer, autocast, device_clock
 
 
 def test_stages_accumulate_exactly():
@@ -20,15 +22,62 @@ def test_stages_accumulate_exactly():
     assert timer.seconds == {"a": 1.75, "b": 0.0}
 
 
+class _FakeEvent:
+    """Stands in for torch.cuda.Event: the end event is 250 ms after the start event."""
+
+    recorded: typing.ClassVar[list[str]] = []
+
+    def __init__(self, enable_timing: bool = False):
+        assert enable_timing
+
+    def record(self):
+        _FakeEvent.recorded.append("record")
+
+    def synchronize(self):
+        _FakeEvent.recorded.append("wait")
+
+    def elapsed_time(self, end):
+        return 250.0
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the real test runs")
-def test_cuda_stage_synchronizes_before_and_after():
-    """No GPU here: the synchronize call is mocked and asserted."""
-    with mock.patch.object(torch.cuda, "synchronize") as sync:
+def test_cuda_stage_is_timed_by_events_after_a_synchronize():
+    """No GPU here: synchronize and the events are mocked; the stage's time is the events'."""
+    _FakeEvent.recorded.clear()
+    with (
+        mock.patch.object(torch.cuda, "synchronize") as sync,
+        mock.patch.object(torch.cuda, "Event", _FakeEvent),
+    ):
         timer = StageTimer(torch.device("cuda", 0))
         with timer.stage("conv"):
-            assert sync.call_count == 1
-        assert sync.call_count == 2
-        sync.assert_called_with(torch.device("cuda", 0))
+            assert sync.call_count == 1 and _FakeEvent.recorded == ["record"]
+        sync.assert_called_once_with(torch.device("cuda", 0))
+    assert _FakeEvent.recorded == ["record", "record", "wait"]
+    assert timer.seconds == {"conv": 0.25}
+
+
+def test_device_clock_on_the_cpu_is_wall_time():
+    ticks = iter([3.0, 3.5])
+    with mock.patch("pipelines.timing.time.perf_counter", lambda: next(ticks)):
+        with device_clock(torch.device("cpu")) as took:
+            assert took == []
+    assert took == [0.5]
+
+
+@pytest.mark.parametrize(
+    "precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)]
+)
+def test_autocast_runs_matrix_products_in_the_precision(precision, dtype):
+    layer = nn.Linear(4, 3)
+    with autocast(torch.device("cpu"), precision):
+        out = layer(torch.ones(2, 4))
+    assert out.dtype == dtype
+    assert layer.weight.dtype == torch.float32  # the weights themselves stay float32
+
+
+def test_autocast_rejects_an_unknown_precision():
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16, got 'int8'"):
+        autocast(torch.device("cpu"), "int8")
 
 
 def test_cpu_stage_never_synchronizes():

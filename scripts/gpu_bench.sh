@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Paper-scale speed on a GPU: the VGG16 config (benchmarks/configs/vgg16_voc07.yaml: 2000 selective-search
+# proposals, scale 600 / max 1000) on synthetic images of VOC size, every pipeline trained for a short
+# schedule, timed per image and stage with CUDA events, at fp32 (the papers') and then at bf16 with
+# channels-last.
+#
+#   scripts/gpu_bench.sh prepare    # where selective search runs (it needs opencv-contrib): the images
+#                                   # and their proposal cache, under $GPU_BENCH_DIR
+#   scripts/gpu_bench.sh run        # on the GPU machine, with $GPU_BENCH_DIR carried over
+#
+# A GPU machine without network or opencv-contrib needs only the folder `prepare` wrote: the cache is keyed
+# by the images and the settings, so `run` reads it and computes nothing. The results go to
+# $GPU_BENCH_DIR/reports/<run-id>/ (results.json, report.html, report.md); the figures belong in
+# benchmarks/NOTES.md with the device name. Settings (environment variables, defaults in brackets):
+#   GPU_BENCH_DIR [datasets/data/gpu-bench]   GPU_BENCH_DEVICE [cuda]   GPU_BENCH_PRECISIONS ["fp32 bf16"]
+#   GPU_BENCH_TRAIN [20] / GPU_BENCH_TEST [24] images   GPU_BENCH_TIMED [16]   GPU_BENCH_ITERS [40]
+#   GPU_BENCH_WEIGHTS [none: VGG16 initialised from backbone.seed; a path: a torchvision state dict]
+#   GPU_BENCH_PIPELINES [all of the config's]   GPU_BENCH_SET [more KEY=VALUE overrides, space-separated]
+# Timing does not depend on the weights' values, so random weights give the paper setting's speed; their
+# mAP is not the paper's.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode=${1:-}
+dir=${GPU_BENCH_DIR:-datasets/data/gpu-bench}
+device=${GPU_BENCH_DEVICE:-cuda}
+iters=${GPU_BENCH_ITERS:-40}
+if [[ -x .venv/bin/python ]]; then py=.venv/bin/python; else py=${PYTHON:-python3}; fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+settings=(
+  --config benchmarks/configs/vgg16_voc07.yaml
+  --set data.kind=synthetic --set "data.root=$dir/voc"
+  --set "data.synthetic.train_images=${GPU_BENCH_TRAIN:-20}"
+  --set "data.synthetic.test_images=${GPU_BENCH_TEST:-24}"
+  --set "cache_dir=$dir/cache" --set "output_dir=$dir/reports"
+)
+for key in ${GPU_BENCH_SET:-}; do settings+=(--set "$key"); done
+
+case $mode in
+  prepare)
+    "$py" -m benchmarks.cli proposals "${settings[@]}"
+    ;;
+  run)
+    settings+=(
+      --set "device=$device" --set "backbone.weights=${GPU_BENCH_WEIGHTS:-none}"
+      --set "bench.timed_images=${GPU_BENCH_TIMED:-16}" --set bench.warmup_images=2
+      --set bench.sweep_images=2 --set "bench.sweep_proposals=[300,2000]"
+    )
+    [[ -n ${GPU_BENCH_PIPELINES:-} ]] && settings+=(--set "pipelines=$GPU_BENCH_PIPELINES")
+    for name in rcnn fast_rcnn sppnet faster_rcnn; do
+      settings+=(--set "pipelines.$name.solver.iters=$iters")
+    done
+    settings+=(--set "pipelines.sppnet.pretrain_iters=$iters")
+    [[ $device == cuda* ]] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    for precision in ${GPU_BENCH_PRECISIONS:-fp32 bf16}; do
+      channels_last=false
+      [[ $precision != fp32 ]] && channels_last=true
+      echo "== $precision, channels_last=$channels_last"
+      "$py" -m benchmarks.cli run "${settings[@]}" \
+        --set "bench.precision=$precision" --set "bench.channels_last=$channels_last"
+    done
+    ;;
+  *)
+    echo "usage: scripts/gpu_bench.sh prepare|run (settings: the comment at the top of this script)" >&2
+    exit 2
+    ;;
+esac
