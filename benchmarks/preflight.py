@@ -11,7 +11,7 @@ from pathlib import Path
 from benchmarks.config import RunConfig
 from benchmarks.data import Splits, log
 from pipelines.backbones import Backbone
-from pipelines.detector import Detector
+from pipelines.detector import Detector, free_disk
 
 __all__ = ["check_disk", "check_output", "check_splits", "clean_leftovers", "pid_alive"]
 
@@ -56,23 +56,30 @@ def check_disk(
     n_train = len(splits.train)
     regions = cfg.proposals.max_proposals
     need = {"proposals": (n_train + len(splits.test)) * regions * 4 * 4}
+    free = free_disk(Path(cfg.cache_dir))
     for cls in classes:
         block = cfg.pipelines[cls.name]
-        need[cls.name] = cls.cache_bytes(block, n_train, regions, backbone)
-    free = shutil.disk_usage(cfg.cache_dir).free
+        need[cls.name] = cls.cache_bytes(block, n_train, regions, backbone, free)
     total = sum(need.values())
     if total > free:
         biggest = max(need, key=need.get)
-        hint = (
-            "lower proposals.max_proposals"
-            if biggest == "proposals"
-            else f"see pipelines.{biggest}'s settings (e.g. a feature strategy that keeps less)"
-        )
         raise ValueError(
             f"cache_dir: {cfg.cache_dir} has {free / 2**30:.1f} GiB free, the run needs up to "
-            f"{total / 2**30:.1f} GiB ({biggest}: {need[biggest] / 2**30:.1f} GiB); {hint}"
+            f"{total / 2**30:.1f} GiB ({biggest}: {need[biggest] / 2**30:.1f} GiB); "
+            f"{_disk_knob(cfg, biggest)}"
         )
     return {**need, "free": free}
+
+
+def _disk_knob(cfg: RunConfig, biggest: str) -> str:
+    """What to change when ``biggest`` (a pipeline's name, or "proposals") does not fit."""
+    block = cfg.pipelines.get(biggest)
+    if getattr(block, "features", "none") != "none":
+        return f"set pipelines.{biggest}.features: none (recompute instead of caching) or lower {_LESS}"
+    return f"lower {_LESS}"
+
+
+_LESS = "proposals.max_proposals or data.train_limit"
 
 
 def pid_alive(pid: int) -> bool:

@@ -9,7 +9,9 @@ import abc
 import copy
 import heapq
 import math
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -31,6 +33,7 @@ __all__ = [
     "ScoreBudget",
     "TrainData",
     "candidates",
+    "free_disk",
     "normalize_image",
     "select",
     "test_time_rows",
@@ -213,9 +216,17 @@ class Detector(abc.ABC):
         return []
 
     @classmethod
-    def cache_bytes(cls, cfg: Any, train_images: int, regions_per_image: int, backbone: Any) -> int:
+    def cache_bytes(
+        cls,
+        cfg: Any,
+        train_images: int,
+        regions_per_image: int,
+        backbone: Any,
+        free_bytes: int | None = None,
+    ) -> int:
         """An upper estimate of the disk its training caches take (0: it keeps none), so that a run
-        can refuse before it starts when they will not fit."""
+        can refuse before it starts when they will not fit. ``free_bytes``: the cache folder's free
+        space, for a pipeline that chooses what to keep by it (None: the least it may keep)."""
         return 0
 
     @abc.abstractmethod
@@ -251,6 +262,14 @@ class Detector(abc.ABC):
     def paper_schedule(self, stages_s: dict[str, float]) -> dict:
         """Training hours extrapolated to the paper's iteration count, from measured stage times:
         {"iterations_run", "paper_iterations", "hours"}."""
+
+
+def free_disk(folder: Path) -> int:
+    """Free bytes on the file system that holds ``folder`` (or its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
 
 
 def normalize_image(image: Tensor) -> Tensor:
