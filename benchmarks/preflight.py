@@ -16,10 +16,17 @@ from pipelines.detector import Detector, free_disk
 __all__ = ["check_disk", "check_output", "check_splits", "clean_leftovers", "pid_alive"]
 
 
-def check_output(cfg: RunConfig) -> None:
-    """The output and cache folders exist (or can be made) and take a file."""
+def check_output(cfg: RunConfig, create: bool = True) -> None:
+    """The output and cache folders exist (or can be made) and take a file; with ``create`` false
+    (a dry run) nothing is made or written: the folder, or its nearest existing parent, must be a
+    writable folder."""
     for key, folder in (("output_dir", cfg.output_dir), ("cache_dir", cfg.cache_dir)):
         path = Path(folder)
+        if not create:
+            existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+            if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+                raise ValueError(f"{key}: {path} is not a writable folder ({existing} is not)")
+            continue
         try:
             path.mkdir(parents=True, exist_ok=True)
             probe = path / f".write-test-{os.getpid()}"

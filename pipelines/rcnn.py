@@ -55,6 +55,7 @@ from pipelines.warp import warp_regions
 __all__ = [
     "FEATURE_STRATEGIES",
     "RCNN",
+    "REGION_BYTES",
     "FeatureCache",
     "RCNNConfig",
     "SVMHead",
@@ -237,6 +238,10 @@ def choose_features(features: str, fc7_bytes: int, free_bytes: int) -> str:
         return features
     return "disk" if free_bytes >= AUTO_DISK_MARGIN * fc7_bytes else "none"
 
+
+# Memory per training region: its box and match (16 + 4 + 8 + 8 bytes), R-CNN's concatenated copy for
+# sampling (8 + 16 + 4 + 8) and the SVMs' negative mask (a byte per class: 20 for VOC), rounded up.
+REGION_BYTES = 96
 
 # Box-regression examples (IoU > 0.6 with a ground-truth box) are a small share of the regions: the
 # disk estimate allows this much of them.
@@ -539,6 +544,13 @@ class RCNN(Detector):
         pool5 = backbone.channels * backbone.pool_size**2
         regions = train_images * regions_per_image
         return svm_cache_bytes(cfg.features, regions, backbone.fc_dim, pool5, free_bytes)
+
+    @classmethod
+    def train_ram_bytes(
+        cls, cfg: RCNNConfig, train_images: int, regions_per_image: int, backbone: Backbone
+    ) -> int:
+        """The training regions, REGION_BYTES each."""
+        return train_images * regions_per_image * REGION_BYTES
 
     # -- the network on warped regions -----------------------------------------------------------
 

@@ -48,6 +48,7 @@ from pipelines.boxes import boxes_to_rois
 from pipelines.detector import Detections, Detector, TrainData
 from pipelines.fast_rcnn import draw_image, images_in_band, prepare_image
 from pipelines.rcnn import (
+    REGION_BYTES,
     SVMHead,
     check_features,
     svm_cache_bytes,
@@ -203,6 +204,30 @@ class SPPnet(Detector):
         pyramid = backbone.channels * sum(lv * lv for lv in cfg.levels)
         regions = train_images * regions_per_image
         return svm_cache_bytes(cfg.features, regions, backbone.fc_dim, pyramid, free_bytes)
+
+    @classmethod
+    def train_ram_bytes(
+        cls, cfg: SPPnetConfig, train_images: int, regions_per_image: int, backbone: Backbone
+    ) -> int:
+        """The float16 conv maps of the training images (at most C x scale/16 x max_size/16 each) and
+        the training regions (pipelines.rcnn.REGION_BYTES each)."""
+        side = backbone.stride
+        map_bytes = 2 * backbone.channels * -(-cfg.scale // side) * -(-cfg.max_size // side)
+        return train_images * (map_bytes + regions_per_image * REGION_BYTES)
+
+    @classmethod
+    def iteration_stages(cls, cfg: SPPnetConfig) -> dict[str, int]:
+        """Fine-tuning runs the solver's iterations, the conv pre-training (if any) its own."""
+        pretrain = {"pretrain": cfg.pretrain_iters} if cfg.pretrain_iters else {}
+        return {**pretrain, "finetune": cfg.solver.iters}
+
+    @classmethod
+    def with_iterations(cls, cfg: SPPnetConfig, iters: int) -> SPPnetConfig:
+        return replace(
+            cfg,
+            pretrain_iters=min(iters, cfg.pretrain_iters),
+            solver=replace(cfg.solver, iters=iters),
+        )
 
     def _pyramid(self, features: Tensor, boxes: Tensor) -> Tensor:
         """(1, C, h, w) map and (R, 4) boxes in its image's pixels -> (R, C*L)."""
