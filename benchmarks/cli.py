@@ -17,7 +17,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from benchmarks.run import run
 
     path = args.config or str(DEFAULT_CONFIG)
-    run(load_config(path, args.set), path)
+    cfg = load_config(path, args.set)
+    if args.dry_run:
+        from benchmarks.plan import dry_run
+
+        dry_run(cfg)
+        return 0
+    run(cfg, path)
     return 0
 
 
@@ -174,6 +180,12 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train, time and score the pipelines; write reports/<run-id>/")
     _config_args(r)
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, data, weights and folders and print the plan (sizes, memory, time "
+        "per stage from a short probe); train nothing, write nothing",
+    )
     r.set_defaults(func=_cmd_run)
     _data_parsers(sub)
     pr = sub.add_parser("proposals", help="compute (or read) the shared proposals of a config")

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["PeakMemory"]
+__all__ = ["PeakMemory", "allocation_peak", "rss_bytes"]
 
 _PAGE = 4096
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
+    """The process's resident memory in bytes (0 where /proc cannot tell)."""
     try:
         return int(Path("/proc/self/statm").read_text().split()[1]) * _PAGE
     except (OSError, IndexError, ValueError):
@@ -40,7 +41,7 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self._peak = max(self._peak, _rss_bytes())
+            self._peak = max(self._peak, rss_bytes())
             time.sleep(0.001)
 
     def __enter__(self) -> PeakMemory:
@@ -49,7 +50,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
-            self._start = self._peak = _rss_bytes()
+            self._start = self._peak = rss_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
@@ -61,7 +62,7 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self._peak = max(self._peak, _rss_bytes())
+            self._peak = max(self._peak, rss_bytes())
             self.peak_bytes = max(0, self._peak - self._start)
 
 

@@ -11,15 +11,22 @@ from pathlib import Path
 from benchmarks.config import RunConfig
 from benchmarks.data import Splits, log
 from pipelines.backbones import Backbone
-from pipelines.detector import Detector
+from pipelines.detector import Detector, free_disk
 
 __all__ = ["check_disk", "check_output", "check_splits", "clean_leftovers", "pid_alive"]
 
 
-def check_output(cfg: RunConfig) -> None:
-    """The output and cache folders exist (or can be made) and take a file."""
+def check_output(cfg: RunConfig, create: bool = True) -> None:
+    """The output and cache folders exist (or can be made) and take a file; with ``create`` false
+    (a dry run) nothing is made or written: the folder, or its nearest existing parent, must be a
+    writable folder."""
     for key, folder in (("output_dir", cfg.output_dir), ("cache_dir", cfg.cache_dir)):
         path = Path(folder)
+        if not create:
+            existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+            if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+                raise ValueError(f"{key}: {path} is not a writable folder ({existing} is not)")
+            continue
         try:
             path.mkdir(parents=True, exist_ok=True)
             probe = path / f".write-test-{os.getpid()}"
@@ -56,23 +63,30 @@ def check_disk(
     n_train = len(splits.train)
     regions = cfg.proposals.max_proposals
     need = {"proposals": (n_train + len(splits.test)) * regions * 4 * 4}
+    free = free_disk(Path(cfg.cache_dir))
     for cls in classes:
         block = cfg.pipelines[cls.name]
-        need[cls.name] = cls.cache_bytes(block, n_train, regions, backbone)
-    free = shutil.disk_usage(cfg.cache_dir).free
+        need[cls.name] = cls.cache_bytes(block, n_train, regions, backbone, free)
     total = sum(need.values())
     if total > free:
         biggest = max(need, key=need.get)
-        hint = (
-            "lower proposals.max_proposals"
-            if biggest == "proposals"
-            else f"see pipelines.{biggest}'s settings (e.g. a feature strategy that keeps less)"
-        )
         raise ValueError(
             f"cache_dir: {cfg.cache_dir} has {free / 2**30:.1f} GiB free, the run needs up to "
-            f"{total / 2**30:.1f} GiB ({biggest}: {need[biggest] / 2**30:.1f} GiB); {hint}"
+            f"{total / 2**30:.1f} GiB ({biggest}: {need[biggest] / 2**30:.1f} GiB); "
+            f"{_disk_knob(cfg, biggest)}"
         )
     return {**need, "free": free}
+
+
+def _disk_knob(cfg: RunConfig, biggest: str) -> str:
+    """What to change when ``biggest`` (a pipeline's name, or "proposals") does not fit."""
+    block = cfg.pipelines.get(biggest)
+    if getattr(block, "features", "none") != "none":
+        return f"set pipelines.{biggest}.features: none (recompute instead of caching) or lower {_LESS}"
+    return f"lower {_LESS}"
+
+
+_LESS = "proposals.max_proposals or data.train_limit"
 
 
 def pid_alive(pid: int) -> bool:

@@ -120,11 +120,13 @@ def fit_box_regressors(
     num_classes: int,
     lam: float = 1000.0,
     min_iou: float = 0.6,
+    scale: float = 1.0,
 ) -> BoxRegressors:
-    """Fit one ridge regressor per class.
+    """Fit one ridge regressor per class, reading one class's features at a time.
 
     Args:
-        features: (M, F) scaled pool5 features.
+        features: (M, F) pool5 features, any array that numpy indexes by rows (a memory-mapped file:
+            only one class's rows are ever in memory, as float64).
         boxes: (M, 4) the regions' boxes.
         gt_boxes: (M, 4) each region's best-overlapping ground-truth box.
         labels: (M,) that box's class 1..K.
@@ -132,6 +134,7 @@ def fit_box_regressors(
         num_classes: K.
         lam: ridge penalty (lambda, 1000 in the original).
         min_iou: examples need IoU above this (0.6).
+        scale: what the features are multiplied by (in float32) before the fit.
     """
     f = features.shape[1]
     weight = np.zeros((num_classes, f, 4), np.float32)
@@ -151,7 +154,8 @@ def fit_box_regressors(
         evals, evecs = np.linalg.eigh(cov)
         t = evecs @ np.diag(1.0 / np.sqrt(evals + 1e-3)) @ evecs.T  # whitening
         t_inv[j] = evecs @ np.diag(np.sqrt(evals + 1e-3)) @ evecs.T
-        ridge = Ridge(alpha=lam).fit(features[rows].astype(np.float64), (y - mu[j]) @ t)
+        x = np.asarray(features[rows], np.float32) * np.float32(scale)  # (Mj, F)
+        ridge = Ridge(alpha=lam).fit(x.astype(np.float64), (y - mu[j]) @ t)
         weight[j] = ridge.coef_.T
         bias[j] = ridge.intercept_
         trained[j] = True

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import abc
 import copy
+import dataclasses
 import heapq
 import math
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -31,6 +34,7 @@ __all__ = [
     "ScoreBudget",
     "TrainData",
     "candidates",
+    "free_disk",
     "normalize_image",
     "select",
     "test_time_rows",
@@ -101,6 +105,8 @@ class Detector(abc.ABC):
             proposals to ``detect`` and adds no selective-search time to its end-to-end figure.
         variants: test-time alternatives the harness scores and times beside the default.
         train_stages: the names ``fit`` records in its timer, in order.
+        fixed_stages: those whose time grows neither with the iterations nor with the data (a
+            dry run's estimate keeps their probe time).
         paper: the published figures shown beside a run's.
         stage_groups: each inference stage's share of the work, for the report's end-to-end bar:
             "conv" (the trunk), "per_region" (warping, pooling, fc layers run per region),
@@ -123,6 +129,7 @@ class Detector(abc.ABC):
     owns_proposals: ClassVar[bool] = False
     variants: ClassVar[tuple[str, ...]] = ()
     train_stages: ClassVar[tuple[str, ...]] = ()
+    fixed_stages: ClassVar[tuple[str, ...]] = ()  # training stages that take as long on any data
     paper: ClassVar[PaperFigures | None] = None
     stage_groups: ClassVar[dict[str, str]] = {}
     variant_papers: ClassVar[
@@ -213,10 +220,39 @@ class Detector(abc.ABC):
         return []
 
     @classmethod
-    def cache_bytes(cls, cfg: Any, train_images: int, regions_per_image: int, backbone: Any) -> int:
+    def cache_bytes(
+        cls,
+        cfg: Any,
+        train_images: int,
+        regions_per_image: int,
+        backbone: Any,
+        free_bytes: int | None = None,
+    ) -> int:
         """An upper estimate of the disk its training caches take (0: it keeps none), so that a run
-        can refuse before it starts when they will not fit."""
+        can refuse before it starts when they will not fit. ``free_bytes``: the cache folder's free
+        space, for a pipeline that chooses what to keep by it (None: the least it may keep)."""
         return 0
+
+    @classmethod
+    def train_ram_bytes(
+        cls, cfg: Any, train_images: int, regions_per_image: int, backbone: Any
+    ) -> int:
+        """An estimate of the memory its training holds that grows with the training set (region
+        indexes, per-image maps), beyond the network, its optimizer and one batch (0: none)."""
+        return 0
+
+    @classmethod
+    def iteration_stages(cls, cfg: Any) -> dict[str, int]:
+        """The training stages whose time grows with SGD iterations, each with the iterations ``cfg``
+        runs; every other stage's time grows with the training images. Here: the first of
+        ``train_stages`` runs ``cfg.solver.iters``."""
+        return {cls.train_stages[0]: cfg.solver.iters}
+
+    @classmethod
+    def with_iterations(cls, cfg: Any, iters: int) -> Any:
+        """``cfg`` with each stage of ``iteration_stages`` running ``iters`` iterations (the dry
+        run's probe)."""
+        return dataclasses.replace(cfg, solver=dataclasses.replace(cfg.solver, iters=iters))
 
     @abc.abstractmethod
     def fit(self, data: TrainData, timer: StageTimer) -> dict:
@@ -251,6 +287,14 @@ class Detector(abc.ABC):
     def paper_schedule(self, stages_s: dict[str, float]) -> dict:
         """Training hours extrapolated to the paper's iteration count, from measured stage times:
         {"iterations_run", "paper_iterations", "hours"}."""
+
+
+def free_disk(folder: Path) -> int:
+    """Free bytes on the file system that holds ``folder`` (or its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
 
 
 def normalize_image(image: Tensor) -> Tensor:

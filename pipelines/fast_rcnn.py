@@ -479,6 +479,7 @@ class FastRCNN(Detector):
     config_class = FastRCNNConfig
     variants = ("svd",)
     train_stages = ("train", "svd")
+    fixed_stages = ("svd",)
     stage_groups: ClassVar[dict[str, str]] = {
         "preprocess": "other",
         "conv": "conv",

@@ -9,9 +9,10 @@ Shapes: R regions of one image, S input side, C trunk channels, P pool5 side, D 
 
 Training stages: fine-tuning on warped regions (K+1-way softmax, 128-region batches of 32 foreground
 and 96 background, each region mirrored with probability 1/2; every layer trains, biases at twice the
-rate without weight decay, the new classifier at 10x), fc7/pool5 feature extraction into an on-disk
-cache, SVMs with hard-negative mining, ridge box regressors. Test: SVM scores, the originals' adaptive
-per-class candidate budget (or a fixed threshold), box regression, NMS 0.3.
+rate without weight decay, the new classifier at 10x), fc7/pool5 feature extraction (fc7 into an
+on-disk cache, or recomputed while mining: ``features``), SVMs with hard-negative mining, ridge box
+regressors. Test: SVM scores, the originals' adaptive per-class candidate budget (or a fixed
+threshold), box regression, NMS 0.3.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pipelines.detector import (
     ScoreBudget,
     TrainData,
     candidates,
+    free_disk,
     normalize_image,
     select,
     test_time_rows,
@@ -44,20 +46,24 @@ from pipelines.detector import (
 from pipelines.fidelity import RCNN_REPO, Setting, setting
 from pipelines.progress import progress
 from pipelines.registry import BuildContext, PaperFigures, register
-from pipelines.sampling import Matches, match, sample_fg_bg, with_ground_truth
+from pipelines.sampling import Matches, RegionIndex, match, with_ground_truth
 from pipelines.svm import SVMConfig, negative_mask, train_svms
 from pipelines.timing import StageTimer
 from pipelines.training import SolverConfig, param_groups, run_sgd, solver_rows
 from pipelines.warp import warp_regions
 
 __all__ = [
+    "FEATURE_STRATEGIES",
     "RCNN",
+    "REGION_BYTES",
     "FeatureCache",
     "RCNNConfig",
     "SVMHead",
     "SVMSettings",
     "cache_features",
+    "choose_features",
     "mirror_regions",
+    "svm_cache_bytes",
     "svm_detections",
     "train_svm_head",
     "training_regions",
@@ -71,6 +77,13 @@ __all__ = [
 PAPER_SOLVER = SolverConfig(
     paper_iters=70000, lr=1e-3, lr_step=20000, bias_lr_mult=2.0, bias_decay=False
 )
+
+# Where the SVM stage keeps each training region's fc7 (a pipeline config's ``features``): "disk" writes
+# them to a float16 cache once and reads it while mining; "none" keeps none and recomputes an image's
+# features when mining reaches it (the same float16 values, so the same SVMs); "auto" takes "disk" when
+# the cache folder's free space holds AUTO_DISK_MARGIN times the cache, else "none".
+FEATURE_STRATEGIES = ("disk", "none", "auto")
+AUTO_DISK_MARGIN = 1.25
 
 
 @dataclass(frozen=True)
@@ -97,8 +110,10 @@ class RCNNConfig:
     nms_iou: float = 0.3
     region_batch: int = 256  # warped regions per forward pass
     keep_feature_cache: bool = False  # keep the on-disk fc7/pool5 cache after training
+    features: str = "disk"  # training fc7: "disk" (a cache), "none" (recomputed to mine), "auto"
 
     def __post_init__(self):
+        check_features(self.features)
         if self.test_topk not in TEST_TOPK:
             raise ValueError(f"test_topk must be one of {TEST_TOPK}, got {self.test_topk!r}")
         if self.cls_lr_mult < 0:
@@ -107,15 +122,17 @@ class RCNNConfig:
 
 @dataclass
 class FeatureCache:
-    """Training-set features on disk, and what the SVMs and box regressors need of each region (R-CNN's,
-    and SPPnet's, which trains the same SVMs and regressors on its own features).
+    """Training-set features, and what the SVMs and box regressors need of each region (R-CNN's, and
+    SPPnet's, which trains the same SVMs and regressors on its own features).
 
     Attributes:
         folder: where the files are.
         offsets: int64 (N + 1,): image i's regions are rows offsets[i]:offsets[i + 1] of ``fc7``.
-        fc7: float16 (sum R, D), memory-mapped: every training region's fc7.
+        fc7: float16 (sum R, D), memory-mapped: every training region's fc7; None with features
+            "none", where ``recompute`` gives an image's instead.
+        recompute: i -> float16 (R, D), image i's fc7 computed afresh (None with a cache on disk).
         neg_masks: per image, bool (R, K): which regions are SVM negatives of which class.
-        pos_rows: int64 (P,): the rows of the ground-truth regions (the SVM positives).
+        pos_fc7: float16 (P, D): fc7 of the ground-truth regions (the SVM positives).
         pos_labels: int64 (P,): their classes 1..K.
         pool5: float16 (M, F), memory-mapped: the box-regression features of the examples (R-CNN's
             pool5, F = C*P*P; SPPnet's pooled pyramid).
@@ -126,9 +143,10 @@ class FeatureCache:
 
     folder: Path
     offsets: np.ndarray
-    fc7: np.ndarray
+    fc7: np.ndarray | None
+    recompute: Callable[[int], np.ndarray] | None
     neg_masks: list[np.ndarray]
-    pos_rows: np.ndarray
+    pos_fc7: np.ndarray
     pos_labels: np.ndarray
     pool5: np.ndarray
     reg_boxes: np.ndarray
@@ -147,8 +165,11 @@ class FeatureCache:
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Image i's scaled fc7 (R, D) float32 and negative mask (R, K): what SVM mining visits."""
-        rows = slice(self.offsets[i], self.offsets[i + 1])
-        return np.asarray(self.fc7[rows], np.float32) * self.fc7_scale, self.neg_masks[i]
+        if self.fc7 is None:
+            raw = self.recompute(i)
+        else:
+            raw = self.fc7[self.offsets[i] : self.offsets[i + 1]]
+        return np.asarray(raw, np.float32) * self.fc7_scale, self.neg_masks[i]
 
 
 class SVMSettings(Protocol):
@@ -160,6 +181,7 @@ class SVMSettings(Protocol):
     bbox_lambda: float
     bbox_min_iou: float
     keep_feature_cache: bool
+    features: str
     score_thresh: float
     nms_iou: float
     max_per_class: int
@@ -203,6 +225,47 @@ class SVMHead:
 FeatureFn = Callable[[int, Tensor], tuple[Tensor, Tensor]]
 
 
+def check_features(features: str) -> None:
+    """Raise ValueError unless ``features`` is one of FEATURE_STRATEGIES (a config's ``features``)."""
+    if features not in FEATURE_STRATEGIES:
+        raise ValueError(f"features must be one of {FEATURE_STRATEGIES}, got {features!r}")
+
+
+def choose_features(features: str, fc7_bytes: int, free_bytes: int) -> str:
+    """The strategy a run takes: ``features`` itself unless "auto", which takes "disk" when
+    ``free_bytes`` >= AUTO_DISK_MARGIN * ``fc7_bytes`` (the cache with room to spare), else "none"."""
+    if features != "auto":
+        return features
+    return "disk" if free_bytes >= AUTO_DISK_MARGIN * fc7_bytes else "none"
+
+
+# Memory per training region: its box and match (16 + 4 + 8 + 8 bytes), R-CNN's concatenated copy for
+# sampling (8 + 16 + 4 + 8) and the SVMs' negative mask (a byte per class: 20 for VOC), rounded up.
+REGION_BYTES = 96
+
+# Box-regression examples (IoU > 0.6 with a ground-truth box) are a small share of the regions: the
+# disk estimate allows this much of them.
+REGRESSION_SHARE = 0.1
+
+
+def svm_cache_bytes(
+    features: str, regions: int, fc_dim: int, reg_dim: int, free_bytes: int | None = None
+) -> int:
+    """An upper estimate of the SVM stage's disk cache, float16: fc7 (2 * regions * fc_dim bytes) unless
+    the strategy keeps none, and the regression features of REGRESSION_SHARE of the regions
+    (2 * REGRESSION_SHARE * regions * reg_dim), which every strategy keeps on disk.
+
+    Args:
+        features: the config's strategy; "auto" is resolved with ``free_bytes`` (None: as "none",
+            the least it keeps).
+        regions: training regions over the split (images x regions per image).
+        fc_dim: D, the SVM features' width; reg_dim: F, the box-regression features' width.
+    """
+    fc7 = 2 * regions * fc_dim
+    chosen = choose_features(features, fc7, -1 if free_bytes is None else free_bytes)
+    return int((fc7 if chosen == "disk" else 0) + 2 * REGRESSION_SHARE * regions * reg_dim)
+
+
 def train_svm_head(
     features_of: FeatureFn,
     fc_dim: int,
@@ -213,8 +276,9 @@ def train_svm_head(
     timer: StageTimer,
 ) -> tuple[SVMHead, dict]:
     """R-CNN's steps after fine-tuning, which SPPnet repeats on its own features: extract every training
-    region's features into an on-disk cache ("features"), mine hard negatives for the SVMs ("svm"), fit
-    the box regressors ("bbox_reg"); the cache is removed afterwards unless ``keep_feature_cache``.
+    region's features, keeping fc7 in an on-disk cache or not (``cfg.features``; "features"), mine hard
+    negatives for the SVMs ("svm"; without a cache, each image's fc7 is computed again here), fit the
+    box regressors ("bbox_reg"); the cache is removed afterwards unless ``keep_feature_cache``.
 
     Args:
         features_of: the features of image i's boxes.
@@ -227,18 +291,28 @@ def train_svm_head(
         timer: receives the three stages.
 
     Returns:
-        (the trained head, facts to record: cache size, feature scales, mining records, examples).
+        (the trained head, facts to record: the strategy taken, cache size, feature scales, mining
+        records, examples).
     """
+    fc7_bytes = 2 * fc_dim * sum(len(r) for r in regions[0])
+    strategy = choose_features(cfg.features, fc7_bytes, free_disk(work.parent))
+    print(
+        f"[rcnn-bench] {work.name.split('-')[0]} features: {strategy} (requested {cfg.features}; "
+        f"an fc7 cache would take {fc7_bytes / 2**30:.2f} GiB)",
+        flush=True,
+    )
     try:
         with timer.stage("features"):
-            cache = cache_features(features_of, fc_dim, data, *regions, cfg, work)
+            cache = cache_features(
+                features_of, fc_dim, data, *regions, cfg, work, strategy == "disk"
+            )
         with timer.stage("svm"):
-            pos_all = np.asarray(cache.fc7[cache.pos_rows], np.float32) * cache.fc7_scale
+            pos_all = np.asarray(cache.pos_fc7, np.float32) * cache.fc7_scale
             positives = [pos_all[cache.pos_labels == j + 1] for j in range(data.num_classes)]
             w, b, records = train_svms(positives, cache, cfg.svm)
         with timer.stage("bbox_reg"):
             regressors = fit_box_regressors(
-                np.asarray(cache.pool5, np.float32) * cache.pool5_scale,
+                cache.pool5,
                 cache.reg_boxes,
                 cache.reg_gt,
                 cache.reg_labels,
@@ -246,6 +320,7 @@ def train_svm_head(
                 data.num_classes,
                 lam=cfg.bbox_lambda,
                 min_iou=cfg.bbox_min_iou,
+                scale=cache.pool5_scale,
             )
         cache_bytes = cache.bytes
     finally:
@@ -255,6 +330,7 @@ def train_svm_head(
         torch.from_numpy(w), torch.from_numpy(b), cache.fc7_scale, cache.pool5_scale, regressors
     )
     info = {
+        "features": strategy,
         "feature_cache_bytes": cache_bytes,
         "feature_cache_regions": int(cache.offsets[-1]),
         "feature_norm_scale": {"fc7": cache.fc7_scale, "pool5": cache.pool5_scale},
@@ -273,41 +349,63 @@ def cache_features(
     matches: list[Matches],
     cfg: SVMSettings,
     work: Path,
+    keep_fc7: bool = True,
 ) -> FeatureCache:
-    """Write fc7 of every training region and the regression features of the box-regression examples
-    to disk (float16). Which regions are SVM negatives (pipelines.svm.negative_mask) and which are
-    box-regression examples (pipelines.bbox_regression.regression_examples) is decided by those
-    modules; this only extracts and stores."""
+    """One pass over the training images: the regression features of the box-regression examples go to
+    disk, fc7 of every region too with ``keep_fc7`` (both float16, written image by image: neither is
+    ever whole in memory), fc7 of the ground-truth regions stays in memory, and the mean norms give
+    the feature scales. Without ``keep_fc7`` the cache recomputes an image's fc7 when asked (rounded to
+    float16, as the file would hold it). Which regions are SVM negatives (pipelines.svm.negative_mask)
+    and which are box-regression examples (pipelines.bbox_regression.regression_examples) is decided by
+    those modules; this only extracts and stores."""
     work.mkdir(parents=True, exist_ok=True)
     offsets = np.cumsum([0] + [len(r) for r in rois])
-    fc7_file = np.lib.format.open_memmap(
-        work / "fc7.npy", "w+", np.float16, (int(offsets[-1]), fc_dim)
-    )
-    examples, reg_feats, neg_masks = [], [], []
+    fc7_file = None
+    if keep_fc7:
+        fc7_file = np.lib.format.open_memmap(
+            work / "fc7.npy", "w+", np.float16, (int(offsets[-1]), fc_dim)
+        )
+    examples = [
+        regression_examples(m, *gt, cfg.bbox_min_iou) for m, gt in zip(matches, gts, strict=True)
+    ]
+    reg_offsets = np.cumsum([0] + [len(ex.rows) for ex in examples])
+    reg_file = None  # opened at the first image, which tells the regression features' width
+    pos_fc7, neg_masks = [], []
     norm7 = norm5 = 0.0
     for i in progress(range(len(rois)), f"{work.name.split('-')[0]} features", "img"):
         fc7, pool5 = (f.cpu() for f in features_of(i, rois[i]))
-        fc7_file[offsets[i] : offsets[i + 1]] = fc7.numpy().astype(np.float16)
+        fc7_16 = fc7.numpy().astype(np.float16)
+        if fc7_file is not None:
+            fc7_file[offsets[i] : offsets[i + 1]] = fc7_16
+        pos_fc7.append(fc7_16[: len(gts[i][0])])  # the ground-truth regions come first
         norm7 += float(fc7.norm(dim=1).sum())
         norm5 += float(pool5.norm(dim=1).sum())
         ann = data.annotations[i]
         neg_masks.append(
             negative_mask(rois[i], ann.boxes, ann.labels, data.num_classes, cfg.svm_neg_iou)
         )
-        ex = regression_examples(matches[i], *gts[i], cfg.bbox_min_iou)
-        examples.append(ex)
-        reg_feats.append(pool5[torch.from_numpy(ex.rows)].numpy().astype(np.float16))
-    fc7_file.flush()
-    np.save(work / "pool5.npy", np.concatenate(reg_feats))
+        if reg_file is None:
+            reg_file = np.lib.format.open_memmap(
+                work / "pool5.npy", "w+", np.float16, (int(reg_offsets[-1]), pool5.shape[1])
+            )
+        rows = torch.from_numpy(examples[i].rows)
+        reg_file[reg_offsets[i] : reg_offsets[i + 1]] = pool5[rows].numpy().astype(np.float16)
+    for f in (fc7_file, reg_file):
+        if f is not None:
+            f.flush()
     n = max(int(offsets[-1]), 1)
     all_rois = torch.cat(rois).numpy()
-    pos = [offsets[i] + np.arange(len(gt)) for i, (gt, _) in enumerate(gts)]  # gt rows first
+
+    def recompute(i: int) -> np.ndarray:
+        return features_of(i, rois[i])[0].cpu().numpy().astype(np.float16)
+
     return FeatureCache(
         folder=work,
         offsets=offsets,
-        fc7=np.load(work / "fc7.npy", mmap_mode="r"),
+        fc7=np.load(work / "fc7.npy", mmap_mode="r") if keep_fc7 else None,
+        recompute=None if keep_fc7 else recompute,
         neg_masks=neg_masks,
-        pos_rows=np.concatenate(pos).astype(np.int64),
+        pos_fc7=np.concatenate(pos_fc7),
         pos_labels=np.concatenate([lab.numpy() for _, lab in gts]).astype(np.int64),
         pool5=np.load(work / "pool5.npy", mmap_mode="r"),
         reg_boxes=all_rois[np.concatenate([ex.rows + offsets[i] for i, ex in enumerate(examples)])],
@@ -432,18 +530,27 @@ class RCNN(Detector):
     def test_tensors(self, variant: str | None = None) -> list[Tensor]:
         return self.svms.tensors(with_regressors=variant != "no_bbox_reg") if self.svms else []
 
-    # Box-regression examples (IoU > 0.6 with a ground-truth box) are a small share of the regions:
-    # the disk estimate allows this much of them.
-    REGRESSION_SHARE = 0.1
-
     @classmethod
     def cache_bytes(
+        cls,
+        cfg: RCNNConfig,
+        train_images: int,
+        regions_per_image: int,
+        backbone: Backbone,
+        free_bytes: int | None = None,
+    ) -> int:
+        """fc7 of every training region (unless ``features`` keeps none) and pool5 of the
+        box-regression examples, in float16 (svm_cache_bytes)."""
+        pool5 = backbone.channels * backbone.pool_size**2
+        regions = train_images * regions_per_image
+        return svm_cache_bytes(cfg.features, regions, backbone.fc_dim, pool5, free_bytes)
+
+    @classmethod
+    def train_ram_bytes(
         cls, cfg: RCNNConfig, train_images: int, regions_per_image: int, backbone: Backbone
     ) -> int:
-        """fc7 of every training region and pool5 of the box-regression examples, in float16."""
-        regions = train_images * regions_per_image
-        pool5 = backbone.channels * backbone.pool_size**2
-        return int(2 * regions * (backbone.fc_dim + cls.REGRESSION_SHARE * pool5))
+        """The training regions, REGION_BYTES each."""
+        return train_images * regions_per_image * REGION_BYTES
 
     # -- the network on warped regions -----------------------------------------------------------
 
@@ -492,19 +599,19 @@ class RCNN(Detector):
         return {"finetune_final_loss": float(np.mean(losses[-50:])), **info}
 
     def _finetune(self, data: TrainData, rois: list[Tensor], matches: list[Matches]):
-        """K+1-way softmax fine-tuning on warped regions drawn across the whole training set."""
+        """K+1-way softmax fine-tuning on warped regions drawn across the whole training set (indexed
+        once: a batch costs its own size, not the set's)."""
         cfg = self.cfg
         image_of = torch.cat([torch.full((len(r),), i) for i, r in enumerate(rois)])
         boxes = torch.cat(rois)
         iou = torch.cat([m.iou for m in matches])
         labels = torch.cat([m.labels for m in matches])
+        index = RegionIndex.build(iou, cfg.fg_iou, (0.0, cfg.fg_iou))
         gen = torch.Generator().manual_seed(cfg.solver.seed)
         self.net.train()
 
         def loss_fn(_: int) -> Tensor:
-            fg, bg = sample_fg_bg(
-                iou, cfg.batch_size, cfg.fg_fraction, cfg.fg_iou, (0.0, cfg.fg_iou), gen
-            )
+            fg, bg = index.sample(cfg.batch_size, cfg.fg_fraction, gen)
             picked = torch.cat((fg, bg))
             regions = torch.empty(
                 (len(picked), 3, self.net.input_size, self.net.input_size), device=self.device

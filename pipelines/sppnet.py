@@ -42,10 +42,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipelines.backbones import Backbone
 from pipelines.boxes import boxes_to_rois
 from pipelines.detector import Detections, Detector, TrainData
 from pipelines.fast_rcnn import draw_image, images_in_band, prepare_image, roi_max_pool
-from pipelines.rcnn import SVMHead, svm_detections, train_svm_head, training_regions
+from pipelines.rcnn import (
+    REGION_BYTES,
+    SVMHead,
+    check_features,
+    svm_cache_bytes,
+    svm_detections,
+    train_svm_head,
+    training_regions,
+)
 from pipelines.registry import BuildContext, PaperFigures, register
 from pipelines.sampling import Matches, sample_fg_bg
 from pipelines.svm import SVMConfig
@@ -84,6 +93,10 @@ class SPPnetConfig:
     nms_iou: float = 0.3
     max_per_class: int = 100
     keep_feature_cache: bool = False  # keep the on-disk fc7/pyramid cache after training
+    features: str = "disk"  # training fc7: "disk" (a cache), "none" (recomputed to mine), "auto"
+
+    def __post_init__(self):
+        check_features(self.features)
 
 
 def spatial_pyramid_pool(
@@ -175,6 +188,45 @@ class SPPnet(Detector):
 
     def test_tensors(self, variant: str | None = None) -> list[Tensor]:
         return self.svms.tensors(with_regressors=variant != "no_bbox_reg") if self.svms else []
+
+    @classmethod
+    def cache_bytes(
+        cls,
+        cfg: SPPnetConfig,
+        train_images: int,
+        regions_per_image: int,
+        backbone: Backbone,
+        free_bytes: int | None = None,
+    ) -> int:
+        """fc7 of every training region (unless ``features`` keeps none) and the pyramid of the
+        box-regression examples, in float16 (pipelines.rcnn.svm_cache_bytes)."""
+        pyramid = backbone.channels * sum(lv * lv for lv in cfg.levels)
+        regions = train_images * regions_per_image
+        return svm_cache_bytes(cfg.features, regions, backbone.fc_dim, pyramid, free_bytes)
+
+    @classmethod
+    def train_ram_bytes(
+        cls, cfg: SPPnetConfig, train_images: int, regions_per_image: int, backbone: Backbone
+    ) -> int:
+        """The float16 conv maps of the training images (at most C x scale/16 x max_size/16 each) and
+        the training regions (pipelines.rcnn.REGION_BYTES each)."""
+        side = backbone.stride
+        map_bytes = 2 * backbone.channels * -(-cfg.scale // side) * -(-cfg.max_size // side)
+        return train_images * (map_bytes + regions_per_image * REGION_BYTES)
+
+    @classmethod
+    def iteration_stages(cls, cfg: SPPnetConfig) -> dict[str, int]:
+        """Fine-tuning runs the solver's iterations, the conv pre-training (if any) its own."""
+        pretrain = {"pretrain": cfg.pretrain_iters} if cfg.pretrain_iters else {}
+        return {**pretrain, "finetune": cfg.solver.iters}
+
+    @classmethod
+    def with_iterations(cls, cfg: SPPnetConfig, iters: int) -> SPPnetConfig:
+        return replace(
+            cfg,
+            pretrain_iters=min(iters, cfg.pretrain_iters),
+            solver=replace(cfg.solver, iters=iters),
+        )
 
     def _pyramid(self, features: Tensor, boxes: Tensor) -> Tensor:
         """(1, C, h, w) map and (R, 4) boxes in its image's pixels -> (R, C*L)."""

@@ -1,21 +1,27 @@
 from __future__ import annotations
 
+import shutil
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
 
 from datasets.voc import VOCDataset
+from pipelines.backbones import BackboneConfig, build_backbone
 from pipelines.bbox_regression import BoxRegressors
 from pipelines.boxes import flip_boxes
-from pipelines.detector import ScoreBudget, TrainData
+from pipelines.detector import ScoreBudget, TrainData, normalize_image
 from pipelines.proposals import ProposalConfig, load_or_compute
 from pipelines.rcnn import (
     RCNN,
     RCNNConfig,
     SVMHead,
+    choose_features,
     mirror_regions,
     svm_detections,
+    train_svm_head,
     training_regions,
 )
 from pipelines.svm import SVMConfig
@@ -142,3 +148,80 @@ def test_svm_scores_through_the_adaptive_budget():
     adaptive = svm_detections(*args, budget=budget)
     assert adaptive.scores.tolist() == [2.0, 0.25] and adaptive.labels.tolist() == [1, 2]
     assert torch.equal(adaptive.boxes, boxes[[1, 2]])
+
+
+def _svm_head_of(det: RCNN, data: TrainData, features: str, tmp_path, calls: list[int]):
+    """train_svm_head on the untrained network's features with ``features``; ``calls`` records the
+    images whose features were computed."""
+    regions = training_regions(data, det.cfg.fg_iou)
+
+    def features_of(i, boxes):
+        calls.append(i)
+        image = normalize_image(torch.from_numpy(data.images[i]))
+        return det._features(image, boxes, StageTimer("cpu"))
+
+    cfg = replace(det.cfg, features=features)
+    work = tmp_path / f"rcnn-{features}-work-0"
+    return train_svm_head(features_of, 256, data, regions, cfg, work, StageTimer("cpu"))
+
+
+def test_features_none_recomputes_and_trains_the_disk_strategys_svms(tiny_voc, tmp_path):
+    data = _tiny_data(tiny_voc, images=4)
+    cfg = RCNNConfig(context_pad=4, svm=SVMConfig(retrain_limit=20), test_topk="fixed")
+    det = RCNN(cfg, build_context(4, tmp_path))
+    disk_calls, none_calls = [], []
+    disk, disk_info = _svm_head_of(det, data, "disk", tmp_path, disk_calls)
+    none, none_info = _svm_head_of(det, data, "none", tmp_path, none_calls)
+    # disk: one pass that writes fc7; none: that pass without writing, then each image again when
+    # mining reaches it (the SVMs then fit the same float16 features).
+    assert disk_calls == [0, 1, 2, 3] and none_calls == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert (disk_info["features"], none_info["features"]) == ("disk", "none")
+    assert torch.equal(disk.weight, none.weight) and torch.equal(disk.bias, none.bias)
+    assert torch.equal(disk.regressors.weight, none.regressors.weight)
+    assert disk_info["svm"] == none_info["svm"]
+    # Files: none keeps only the box-regression examples' pool5 (128 x 4 x 4, float16, a 128-byte
+    # header); disk adds every region's fc7 (256, float16).
+    regions, examples = disk_info["feature_cache_regions"], sum(disk_info["bbox_examples"])
+    assert none_info["feature_cache_bytes"] == 128 + examples * 2048 * 2
+    assert (
+        disk_info["feature_cache_bytes"] == none_info["feature_cache_bytes"] + 128 + regions * 512
+    )
+    image, boxes = torch.from_numpy(data.images[1]), torch.from_numpy(data.proposals[1])
+    found = []
+    for head in (disk, none):
+        det.svms = head
+        found.append(det.detect(image, boxes, StageTimer("cpu")))
+    assert found[0].scores.numel() > 0
+    for a, b in zip(found[0].__dict__.values(), found[1].__dict__.values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_auto_features_follow_the_free_disk(tiny_voc, tmp_path, monkeypatch):
+    # An fc7 cache of 100 bytes: auto keeps it with 125 bytes free (the 1.25 margin), not with 124.
+    assert choose_features("auto", 100, 125) == "disk"
+    assert choose_features("auto", 100, 124) == "none"
+    assert (
+        choose_features("disk", 100, 0) == "disk" and choose_features("none", 100, 10**9) == "none"
+    )
+    data = _tiny_data(tiny_voc, images=2)
+    det = RCNN(RCNNConfig(context_pad=4), build_context(4, tmp_path))
+    fc7_bytes = 2 * 256 * sum(len(r) for r in training_regions(data, 0.5)[0])
+    for free, want in ((fc7_bytes * 5 // 4, "disk"), (fc7_bytes * 5 // 4 - 1, "none")):
+        usage = shutil._ntuple_diskusage(10**12, 0, free)
+        monkeypatch.setattr(shutil, "disk_usage", lambda _, usage=usage: usage)
+        _, info = _svm_head_of(det, data, "auto", tmp_path, [])
+        assert info["features"] == want
+
+
+def test_cache_bytes_follow_the_feature_strategy():
+    # 10 images x 2000 regions of the tiny backbone: fc7 256 wide, pool5 128 x 4 x 4 = 2048 wide,
+    # float16; pool5 for a tenth of the regions (the box-regression share).
+    backbone = build_backbone(BackboneConfig())
+    fc7, pool5 = 2 * 20000 * 256, 2 * 2000 * 2048
+    assert RCNN.cache_bytes(RCNNConfig(features="disk"), 10, 2000, backbone) == fc7 + pool5
+    assert RCNN.cache_bytes(RCNNConfig(features="none"), 10, 2000, backbone) == pool5
+    auto = RCNNConfig(features="auto")
+    assert RCNN.cache_bytes(auto, 10, 2000, backbone) == pool5  # the least it may keep
+    assert RCNN.cache_bytes(auto, 10, 2000, backbone, free_bytes=10**12) == fc7 + pool5
+    with pytest.raises(ValueError, match="features must be one of"):
+        RCNNConfig(features="ram")
