@@ -85,6 +85,7 @@ class SPPnetConfig:
     nms_iou: float = 0.3
     max_per_class: int = 100
     keep_feature_cache: bool = False  # keep the on-disk fc7/pyramid cache after training
+    variants: tuple[str, ...] = ("all",)  # the test-time variants to time and score
 
 
 def spatial_pyramid_pool(

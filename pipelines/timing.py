@@ -47,3 +47,9 @@ class StageTimer:
         finally:
             synchronize(self.device)
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def add(self, other: StageTimer, prefix: str) -> None:
+        """Add ``other``'s stage times to this timer's, each stage named "<prefix>/<stage>"."""
+        for name, seconds in other.seconds.items():
+            key = f"{prefix}/{name}"
+            self.seconds[key] = self.seconds.get(key, 0.0) + seconds

@@ -6,9 +6,10 @@ import torch
 from torch.testing import assert_close
 
 from datasets.voc import VOCDataset
+from pipelines.backbones import BackboneConfig, build_backbone
 from pipelines.bbox_regression import BoxRegressors
 from pipelines.boxes import flip_boxes
-from pipelines.detector import ScoreBudget, TrainData
+from pipelines.detector import ScoreBudget, TrainData, normalize_image
 from pipelines.proposals import ProposalConfig, load_or_compute
 from pipelines.rcnn import (
     RCNN,
@@ -142,3 +143,79 @@ def test_svm_scores_through_the_adaptive_budget():
     adaptive = svm_detections(*args, budget=budget)
     assert adaptive.scores.tolist() == [2.0, 0.25] and adaptive.labels.tolist() == [1, 2]
     assert torch.equal(adaptive.boxes, boxes[[1, 2]])
+
+
+def test_variants_cut_the_network_and_train_svms_on_their_own_layer(tiny_voc, tmp_path):
+    from benchmarks.inference import count_costs
+    from benchmarks.run import weights_sha1
+
+    data = _tiny_data(tiny_voc)
+    cfg = RCNNConfig(
+        context_pad=4,
+        solver=SolverConfig(iters=2),
+        batch_size=16,
+        svm=SVMConfig(retrain_limit=20),
+        variants=("no_bbox_reg", "softmax", "pool5", "fc6_no_ft"),
+    )
+    det = RCNN(cfg, build_context(4, tmp_path))
+    initial = weights_sha1(build_backbone(BackboneConfig()))
+    timer, variant_timer = StageTimer("cpu"), StageTimer("cpu")
+    det.fit(data, timer)
+    info = det.fit_variants(data, variant_timer)
+    # The variants' training is recorded apart, per variant; the default's stages are its own.
+    assert set(timer.seconds) == {"finetune", "features", "svm", "bbox_reg"}
+    assert set(variant_timer.seconds) == {
+        "pool5/features",
+        "pool5/svm",
+        "fc6_no_ft/features",
+        "fc6_no_ft/svm",
+    }
+    assert set(info) == {"pool5", "fc6_no_ft"} and "bbox_examples" not in info["pool5"]
+    assert weights_sha1(det.initial) == initial != weights_sha1(det.net)  # "_no_ft": untouched
+    assert det.svms[("pool5", True)].weight.shape == (128 * 4 * 4, 4)
+    assert det.svms[("fc6", False)].weight.shape == (256, 4)
+    assert not list(tmp_path.glob("*-features-*"))  # every cache removed
+    # Sizes by hand (tiny net: trunk, fc6 2048 -> 256, fc7 256 -> 256; 4 classes).
+    trunk = sum(p.numel() for p in det.net.trunk.parameters())
+    fc6, fc7 = 2048 * 256 + 256, 256 * 256 + 256
+    assert det.model_size("pool5")["params"] == trunk + 2048 * 4 + 4
+    assert det.model_size("fc6_no_ft")["params"] == trunk + fc6 + 256 * 4 + 4
+    assert det.model_size("no_bbox_reg")["params"] == trunk + fc6 + fc7 + 256 * 4 + 4
+    assert det.model_size("softmax")["params"] == trunk + fc6 + fc7 + 256 * 5 + 5
+    (net,) = det.test_modules("fc6_no_ft")
+    assert net.trunk is det.initial.trunk and len(net.head) == 2  # fc6 and its ReLU
+    # FLOPs of one detection: the fc layers of the cut networks only, the same warp and trunk.
+    image, proposals = torch.from_numpy(data.images[0]), torch.from_numpy(data.proposals[0])
+    flops = {
+        v: count_costs(det, image, proposals, torch.device("cpu"), v)["stage_flops"]
+        for v in (None, "pool5", "fc6_no_ft")
+    }
+    r = len(proposals)
+    assert flops[None]["fc"] == 2 * r * (2048 * 256 + 256 * 256)
+    assert flops["fc6_no_ft"]["fc"] == 2 * r * 2048 * 256 and flops["pool5"]["fc"] == 0
+    assert flops[None]["conv"] == flops["pool5"]["conv"] == flops["fc6_no_ft"]["conv"]
+
+
+def test_softmax_variant_uses_no_svm_weights(tiny_voc, tmp_path):
+    data = _tiny_data(tiny_voc)
+    cfg = RCNNConfig(
+        context_pad=4, solver=SolverConfig(iters=2), batch_size=16, variants=("softmax",)
+    )
+    det = RCNN(cfg, build_context(4, tmp_path))
+    assert det.initial is None  # no variant without fine-tuning: no second network kept
+    det.fit(data, StageTimer("cpu"))
+    svm_tensors = {id(t) for head in det.svms.values() for t in head.tensors()}
+    run = det.test_tensors("softmax") + [
+        p for m in det.test_modules("softmax") for p in m.parameters()
+    ]
+    assert det.test_tensors("softmax") == [] and not svm_tensors & {id(t) for t in run}
+    det.svms.clear()  # it detects without them: its scores are the softmax's, by hand
+    image, proposals = torch.from_numpy(data.images[0]), torch.from_numpy(data.proposals[0])
+    d = det.detect(image, proposals, StageTimer("cpu"), "softmax")
+    with torch.no_grad():
+        fc7, _ = det._features(det.net, normalize_image(image), proposals, StageTimer("cpu"))
+        probs = torch.softmax(det.cls(fc7), dim=1)[:, 1:]  # (R, K)
+    assert len(d.scores)
+    for score, label, box in zip(d.scores, d.labels, d.boxes, strict=True):
+        row = (proposals == box).all(dim=1).nonzero()[0, 0]  # no box regression: a proposal
+        assert_close(score, probs[row, label - 1])

@@ -20,6 +20,14 @@ def test_stages_accumulate_exactly():
     assert timer.seconds == {"a": 1.75, "b": 0.0}
 
 
+def test_add_prefixes_and_accumulates_another_timers_stages():
+    main, variant = StageTimer("cpu"), StageTimer("cpu")
+    main.seconds = {"svm": 1.0, "pool5/svm": 0.5}
+    variant.seconds = {"svm": 2.0, "features": 0.25}
+    main.add(variant, "pool5")
+    assert main.seconds == {"svm": 1.0, "pool5/svm": 2.5, "pool5/features": 0.25}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the real test runs")
 def test_cuda_stage_synchronizes_before_and_after():
     """No GPU here: the synchronize call is mocked and asserted."""
