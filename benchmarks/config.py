@@ -156,6 +156,10 @@ def _pipeline_blocks(value: Any, where: str, default: dict[str, Any]) -> dict[st
         if not isinstance(block, dict):
             raise ConfigError(f"{where}.{name}: expected a mapping, got {type(block).__name__}")
         out[str(name)] = _build(cls.config_class, block, f"{where}.{name}", default.get(name))
+        try:
+            cls.chosen_variants(out[str(name)])  # a variant the pipeline lacks fails here
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     return out
 
 

@@ -163,14 +163,17 @@ def prepare_test(detectors: dict[str, Detector], channels_last: bool) -> None:
 def train_pipelines(
     detectors: dict[str, Detector], train: TrainData, device: torch.device, seed: int
 ) -> dict[str, dict]:
-    """Train each pipeline in turn; per pipeline its stage times, extrapolated paper-schedule hours,
-    peak memory and what its ``fit`` reported."""
+    """Train each pipeline in turn, then what its enabled variants need beyond it; per pipeline the
+    default model's stage times (the variants' are kept apart, "<variant>/<stage>", and count in
+    neither ``total_s`` nor the paper-schedule hours), peak memory and what ``fit`` reported."""
     out = {}
     for name, det in detectors.items():
         log(f"training {name}")
-        timer = StageTimer(device)
+        timer, variant_timer = StageTimer(device), StageTimer(device)
         with PeakMemory(device) as mem, seeded(seed, name):
             info = det.fit(train, timer)
+        with seeded(seed, f"{name} variants"):
+            variant_info = det.fit_variants(train, variant_timer)
         stages = dict(timer.seconds)
         out[name] = {
             "stages_s": stages,
@@ -179,6 +182,8 @@ def train_pipelines(
             "peak_memory_bytes": mem.peak_bytes,
             "peak_memory_method": mem.method,
             "info": info,
+            "variant_stages_s": dict(variant_timer.seconds),
+            "variant_info": variant_info,
         }
     return out
 
@@ -205,7 +210,8 @@ def _boxes_for(detectors: dict[str, Detector], test: TestSet):
 def time_variants(
     detectors: dict[str, Detector], test: TestSet, plan: TimingPlan, device: torch.device
 ) -> dict[str, dict[str, PassResult]]:
-    """Each pipeline's declared test-time variants, timed on the same images as the main pass."""
+    """Each pipeline's enabled test-time variants, each in a pass of its own over the same images as
+    the main pass (the same warm-up, the same timed images in the same order)."""
     out: dict[str, dict[str, PassResult]] = {}
     for name, det in detectors.items():
         out[name] = {}
@@ -259,7 +265,8 @@ def pipeline_records(
     splits: Splits,
     proposals: dict[str, ProposalSet] | None,
 ) -> dict[str, dict]:
-    """results.json's ``pipelines`` block: per pipeline its training, timing, costs and scores."""
+    """results.json's ``pipelines`` block: per pipeline its training, timing, costs and scores, and
+    the same of each enabled variant (its training: the seconds of its own stages)."""
     classes, anns = splits.classes, splits.test.annotations
     proposal_ms = 1000 * float(np.mean(proposals[splits.test.split].seconds)) if proposals else 0.0
     out = {}
@@ -285,24 +292,47 @@ def pipeline_records(
             },
             "map": {**_map_record(evaluation), "coco": _coco(classes, anns, timing)},
             "pr": evaluation["pr"],
-            "variants": {
-                variant: {
-                    "map": _map_record(_score(classes, anns, result)),
-                    "ms_per_image": summarize(result.samples_ms),
-                    "samples_ms": result.samples_ms,
-                    "stages_ms": result.mean_stages(),
-                    "flops_per_image": cost["variants"][variant]["flops"],
-                    "params": cost["variants"][variant]["params"],
-                    "model_bytes": cost["variants"][variant]["bytes"],
-                }
-                for variant, result in variants[name].items()
-            },
+            "variants": _variant_records(
+                variants[name], cost["variants"], training[name]["variant_stages_s"], splits
+            ),
             "params": cost["params"],
             "model_bytes": cost["bytes"],
             "peak_memory_bytes": cost["peak_memory_bytes"],
             "peak_memory_method": cost["peak_memory_method"],
         }
     return out
+
+
+def _variant_records(
+    passes: dict[str, PassResult],
+    costs: dict[str, dict],
+    train_stages_s: dict[str, float],
+    splits: Splits,
+) -> dict[str, dict]:
+    """One pipeline's ``variants`` block: per variant its scores, timing, FLOPs, size and training.
+
+    Args:
+        passes: per variant, its timing pass.
+        costs: per variant, its FLOPs and size (``_costs``'s "variants").
+        train_stages_s: the variants' training stages, "<variant>/<stage>" -> seconds.
+        splits: the classes and the test annotations.
+    """
+    classes, anns = splits.classes, splits.test.annotations
+    return {
+        variant: {
+            "map": _map_record(_score(classes, anns, result)),
+            "ms_per_image": summarize(result.samples_ms),
+            "samples_ms": result.samples_ms,
+            "stages_ms": result.mean_stages(),
+            "flops_per_image": costs[variant]["flops"],
+            "params": costs[variant]["params"],
+            "model_bytes": costs[variant]["bytes"],
+            "train_s": sum(
+                s for stage, s in train_stages_s.items() if stage.startswith(f"{variant}/")
+            ),
+        }
+        for variant, result in passes.items()
+    }
 
 
 def add_efficiency(records: dict[str, dict], costs: dict[str, dict], peaks: dict) -> None:

@@ -31,7 +31,8 @@ def _f(value: float | None, digits: int) -> str:
 
 
 def pipeline_table(results: dict, detail: bool = False) -> pd.DataFrame:
-    """One row per pipeline and per test-time variant: training, latency, FLOPs and mAP.
+    """One row per pipeline and per test-time variant: training (a variant's: its own stages only),
+    latency, FLOPs and mAP.
 
     Args:
         results: a results.json.
@@ -59,7 +60,8 @@ def pipeline_table(results: dict, detail: bool = False) -> pd.DataFrame:
             row["area mAP"] = _f(rec["map"]["area"], 3)
         rows[rec["label"]] = row
         for variant, v in rec.get("variants", {}).items():
-            rows[f"  {variant}"] = {
+            rows[f"  {rec['label']}: {variant}"] = {  # two pipelines may share a variant's name
+                "train s": _f(v.get("train_s"), 1),
                 "ms/img med": _f(v["ms_per_image"]["median"], 1),
                 "p90": _f(v["ms_per_image"]["p90"], 1),
                 "VOC07 mAP": _f(v["map"]["voc07"], 3),

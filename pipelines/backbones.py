@@ -21,17 +21,22 @@ from torch import Tensor, nn
 from torchvision import models
 
 __all__ = [
+    "FEATURE_LAYERS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "Backbone",
     "BackboneConfig",
     "build_backbone",
     "layer_multipliers",
+    "truncate",
     "trunk_convs",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# The layers a network may be cut after (``truncate``), in order.
+FEATURE_LAYERS = ("pool5", "fc6", "fc7")
 
 
 @dataclass(frozen=True)
@@ -56,11 +61,12 @@ class Backbone(nn.Module):
 
     Attributes:
         trunk: conv layers, stride 16.
-        head: fc6 and fc7 with their ReLUs (and dropout for the torchvision nets).
+        head: fc6 and fc7 with their ReLUs (and dropout for the torchvision nets); fewer layers, or
+            none, in a truncated copy (``truncate``).
         pool_size: P, the side of pool5 (7 VGG16, 6 AlexNet, 4 tiny).
         input_size: the side R-CNN warps regions to (224 VGG16, 227 AlexNet, 64 tiny).
         channels: C, trunk output channels.
-        fc_dim: D, fc7 width.
+        fc_dim: D, the width of what ``forward`` returns: fc7's (C*P*P for a head cut at pool5).
         stride: 16.
     """
 
@@ -73,11 +79,12 @@ class Backbone(nn.Module):
         self.pool_size = pool_size
         self.input_size = input_size
         self.channels = channels
-        self.fc_dim = [m for m in head if isinstance(m, nn.Linear)][-1].out_features
+        linear = [m for m in head if isinstance(m, nn.Linear)]
+        self.fc_dim = linear[-1].out_features if linear else channels * pool_size**2
         self.stride = 16
 
     def forward(self, pool5: Tensor) -> Tensor:
-        """fc7 of pooled features: (N, C, P, P) -> (N, D)."""
+        """fc7 of pooled features (the head's output): (N, C, P, P) -> (N, D)."""
         return self.head(pool5.flatten(1))
 
 
@@ -104,6 +111,26 @@ def layer_multipliers(backbone: Backbone, frozen_convs: int) -> list[tuple[nn.Mo
         (conv, 0.0 if k < frozen_convs else 1.0) for k, conv in enumerate(convs)
     ]
     return [*layers, (backbone.head, 1.0)]
+
+
+def truncate(backbone: Backbone, layer: str) -> Backbone:
+    """``backbone`` cut after ``layer``, so that only the layers up to it run and count.
+
+    "pool5" keeps no fc layer (``forward`` flattens pool5, D = C*P*P); "fc6" keeps the head up to
+    fc6's ReLU (AlexNet's dropout before fc6 too, an identity at test time); "fc7" the whole head.
+    The trunk and the kept layers are ``backbone``'s own modules, not copies: training one trains the
+    other.
+
+    Raises:
+        ValueError: ``layer`` is not one of FEATURE_LAYERS.
+    """
+    if layer not in FEATURE_LAYERS:
+        raise ValueError(f"a network is cut after one of {FEATURE_LAYERS}, got {layer!r}")
+    head = list(backbone.head)
+    linear = [i for i, m in enumerate(head) if isinstance(m, nn.Linear)]
+    ends = {"pool5": 0, "fc6": linear[0] + 2, "fc7": len(head)}  # fc6's ReLU follows fc6
+    cut = nn.Sequential(*head[: ends[layer]])
+    return Backbone(backbone.trunk, cut, backbone.pool_size, backbone.input_size, backbone.channels)
 
 
 def _tiny(cfg: BackboneConfig) -> Backbone:

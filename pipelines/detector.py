@@ -103,7 +103,9 @@ class Detector(abc.ABC):
         config_class: its frozen config dataclass (the ``pipelines.<name>`` block).
         owns_proposals: True when it makes its own regions; the harness then passes no shared
             proposals to ``detect`` and adds no selective-search time to its end-to-end figure.
-        variants: test-time alternatives the harness scores and times beside the default.
+        variants: test-time alternatives the harness scores and times beside the default (a
+            pipeline whose variants depend on its settings adds those in ``offered_variants``); a
+            config block's ``variants`` list chooses among them ("all": every one).
         train_stages: the names ``fit`` records in its timer, in order.
         fixed_stages: those whose time grows neither with the iterations nor with the data (a
             dry run's estimate keeps their probe time).
@@ -112,10 +114,12 @@ class Detector(abc.ABC):
             "conv" (the trunk), "per_region" (warping, pooling, fc layers run per region),
             "classifier" (scores, box regression, NMS) or "other" (the default for a stage not
             listed). Selective search is added by the harness as "proposals".
-        variant_papers: per variant (None: the default model), its published figure with the
+        variant_papers: per variant ("default": the default model), its published figure with the
             table it comes from, for the report's trade-off table.
 
-    ``fit`` records its stages in the timer it is given; ``detect`` records its inference stages.
+    ``fit`` records its stages in the timer it is given; ``fit_variants`` then trains what the
+    enabled variants need beyond the default model, in a timer of its own, so that their training
+    is not the default model's; ``detect`` records its inference stages.
 
     A test pass (every test image once, scored together) is bracketed by ``start_pass`` and
     ``finish_pass``: with the originals' adaptive candidate budget (``test_topk`` "adaptive" in the
@@ -146,20 +150,37 @@ class Detector(abc.ABC):
         self.num_classes = context.num_classes
         self.device = context.device
         self._budget: ScoreBudget | None = None  # the running test pass's, in "adaptive" test_topk
+        self.enabled_variants()  # a variant the pipeline lacks fails here, before any training
 
-    def enabled_variants(self) -> tuple[str, ...]:
-        """The variants this run times and scores: the config block's ``variants`` list when it has
-        one ("all": every declared variant), else every declared variant."""
-        chosen = getattr(self.cfg, "variants", None)
+    @classmethod
+    def offered_variants(cls, cfg: Any) -> tuple[str, ...]:
+        """Every test-time variant of this pipeline with the settings ``cfg``: the class's
+        ``variants``."""
+        return cls.variants
+
+    @classmethod
+    def chosen_variants(cls, cfg: Any) -> tuple[str, ...]:
+        """The variants the config block ``cfg`` enables: those its ``variants`` list names ("all",
+        or no such list: every offered variant), in the offered order.
+
+        Raises:
+            ValueError: the list names a variant the pipeline does not offer.
+        """
+        offered = cls.offered_variants(cfg)
+        chosen = getattr(cfg, "variants", None)
         if chosen is None or "all" in chosen:
-            return self.variants
-        unknown = sorted(set(chosen) - set(self.variants))
+            return offered
+        unknown = sorted(set(chosen) - set(offered))
         if unknown:
             raise ValueError(
-                f"pipelines.{self.name}.variants: {unknown[0]!r} is not a variant of {self.name} "
-                f"(its variants: {', '.join(self.variants) or 'none'}; or 'all')"
+                f"pipelines.{cls.name}.variants: {unknown[0]!r} is not a variant of {cls.name} "
+                f"(its variants: {', '.join(offered) or 'none'}; or 'all')"
             )
-        return tuple(v for v in self.variants if v in chosen)
+        return tuple(v for v in offered if v in chosen)
+
+    def enabled_variants(self) -> tuple[str, ...]:
+        """The variants this run trains, times and scores (``chosen_variants`` of its config)."""
+        return self.chosen_variants(self.cfg)
 
     def test_modules(self, variant: str | None = None) -> list[nn.Module]:
         """The modules that run at test time in ``variant``: their parameters are the model's size."""
@@ -258,6 +279,12 @@ class Detector(abc.ABC):
     def fit(self, data: TrainData, timer: StageTimer) -> dict:
         """Train on ``data``; returns facts to record (counts, sizes), stage times go to ``timer``."""
 
+    def fit_variants(self, data: TrainData, timer: StageTimer) -> dict:
+        """After ``fit``: train what the enabled variants need beyond the default model (SVMs on
+        another layer, a truncated SVD). Each stage is recorded in ``timer`` as "<variant>/<stage>";
+        returns facts to record per variant. The default: nothing to train."""
+        return {}
+
     def detect(
         self, image: Tensor, proposals: Tensor | None, timer: StageTimer, variant: str | None = None
     ) -> Detections:
@@ -270,7 +297,7 @@ class Detector(abc.ABC):
             timer: receives the inference stages.
             variant: one of ``variants``, or None for the default model.
         """
-        if variant not in (None, *self.variants):
+        if variant not in (None, *self.offered_variants(self.cfg)):
             raise ValueError(f"{self.name} has no test-time variant {variant!r}")
         if not self.owns_proposals and (proposals is None or proposals.shape[0] == 0):
             return Detections.empty()

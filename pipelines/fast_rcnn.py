@@ -13,12 +13,19 @@ L1 on the foreground RoIs' deltas of their true class, the targets normalised by
 standard deviations; the net trained in one stage but for its first convolutions, biases at twice the
 rate without weight decay. Test: RoIs that coincide on the conv map pooled once, softmax scores, the
 originals' adaptive per-class candidate budget (or a fixed threshold), class-specific deltas, clip,
-per-class NMS 0.3. Optional truncated SVD of fc6 and fc7 at test time.
+per-class NMS 0.3.
+
+Variants: truncated SVD of fc6 and fc7 at each rank pair of ``svd_ranks`` ("svd_<fc6>_<fc7>", the
+paper's section 3.1), and post-hoc SVMs on fc7 in place of the softmax ("svm", the paper's section 5.4:
+R-CNN's SVM training and hard-negative mining, pipelines.rcnn.train_svm_head); both train after the
+default model (``fit_variants``).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Protocol
 
 import numpy as np
@@ -41,9 +48,11 @@ from pipelines.detector import (
     test_time_rows,
 )
 from pipelines.fidelity import FAST_RCNN_REPO, Setting, setting
+from pipelines.rcnn import FeatureFn, RCNNConfig, SVMHead, train_svm_head, training_regions
 from pipelines.registry import BuildContext, PaperFigures, register
 from pipelines.sampling import Matches, match, sample_fg_bg, with_ground_truth
 from pipelines.svd import compress_head
+from pipelines.svm import SVMConfig
 from pipelines.timing import StageTimer
 from pipelines.training import SolverConfig, param_groups, run_sgd, solver_rows
 
@@ -62,6 +71,7 @@ __all__ = [
     "pool_rois",
     "prepare_image",
     "sample_rois",
+    "svd_variant",
     "training_entries",
 ]
 
@@ -102,7 +112,12 @@ class FastRCNNConfig:
     score_thresh: float = 0.01  # "fixed": softmax probability a (RoI, class) pair needs
     max_per_class: int = 100  # "fixed": detections kept per class and image, after NMS
     nms_iou: float = 0.3
-    svd_ranks: tuple[int, int] = (1024, 256)  # truncated SVD of fc6 and fc7 (the "svd" variant)
+    # Ranks of fc6 and fc7 in each truncated-SVD variant (the paper's 1024 and 256 of 4096, and
+    # twice and half those)
+    svd_ranks: tuple[tuple[int, int], ...] = ((2048, 512), (1024, 256), (512, 128))
+    svm: SVMConfig = field(default_factory=SVMConfig)  # the "svm" variant's (R-CNN's) mining
+    svm_score_thresh: float = -1.1  # "fixed", "svm" variant: the SVM score a pair needs (R-CNN's)
+    variants: tuple[str, ...] = ("all",)  # the test-time variants to train, time and score
 
     def __post_init__(self):
         for key, allowed in (
@@ -114,6 +129,15 @@ class FastRCNNConfig:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if self.frozen_convs < 0 or self.dedup_boxes < 0:
             raise ValueError("frozen_convs and dedup_boxes must be >= 0")
+        if any(rank < 1 for ranks in self.svd_ranks for rank in ranks):
+            raise ValueError(f"svd_ranks must be >= 1, got {[list(r) for r in self.svd_ranks]}")
+        if len(set(self.svd_ranks)) != len(self.svd_ranks):
+            raise ValueError(f"svd_ranks lists a pair twice: {[list(r) for r in self.svd_ranks]}")
+
+
+def svd_variant(ranks: tuple[int, int]) -> str:
+    """The name of the truncated-SVD variant with fc6 and fc7 at ``ranks``: "svd_1024_256"."""
+    return "svd_" + "_".join(str(r) for r in ranks)
 
 
 def prepare_image(
@@ -359,9 +383,10 @@ def head_detections(
     budget: ScoreBudget | None = None,
     norm: DeltaNorm | None = None,
     dedup: float = 0.0,
+    svms: tuple[SVMHead, float] | None = None,
 ) -> Detections:
-    """The test-time steps after the conv map: "roi_pool", "fc", "classifier" (softmax and the
-    candidate (RoI, class) pairs), "bbox_reg" (class-specific deltas), "nms".
+    """The test-time steps after the conv map: "roi_pool", "fc", "classifier" (softmax, or SVM
+    scores, and the candidate (RoI, class) pairs), "bbox_reg" (class-specific deltas), "nms".
 
     Args:
         net: the backbone (pool size and stride).
@@ -380,6 +405,8 @@ def head_detections(
         dedup: > 0: the RoIs that coincide once scaled by this and rounded are pooled once, and each
             takes its group's first RoI's scores and regressed boxes (lib/fast_rcnn/test.py:173-179,
             203-206); 0: off.
+        svms: SVMs on fc7 that score the RoIs in place of the softmax (the "svm" variant), with the
+            score a candidate needs without a budget; None: the softmax and ``cfg.score_thresh``.
     """
     with timer.stage("roi_pool"):
         rois = proposals.to(features.dtype) * s
@@ -388,11 +415,15 @@ def head_detections(
     with timer.stage("fc"):
         fc7 = fc_head(pooled.flatten(1))
     with timer.stage("classifier"):
-        probs = F.softmax(heads[0](fc7), dim=1)[:, 1:]  # (U, K)
+        if svms is None:
+            probs, thresh = F.softmax(heads[0](fc7), dim=1)[:, 1:], cfg.score_thresh  # (U, K)
+        else:
+            head, thresh = svms
+            probs = (fc7 * head.fc7_scale) @ head.weight + head.bias  # (U, K)
         if group is not None:
             probs = probs[group]  # (R, K): back to every RoI
         if budget is None:
-            rows, cls = candidates(probs, cfg.score_thresh)
+            rows, cls = candidates(probs, thresh)
         else:
             rows, cls = budget.candidates(probs)
     with timer.stage("bbox_reg"):
@@ -477,9 +508,15 @@ class FastRCNN(Detector):
     name = "fast_rcnn"
     label = "Fast R-CNN"
     config_class = FastRCNNConfig
-    variants = ("svd",)
-    train_stages = ("train", "svd")
-    fixed_stages = ("svd",)
+    variants = ("svm",)  # and a truncated-SVD variant per rank pair (offered_variants)
+    # Fast R-CNN paper (Girshick 2015): Table 8 (VGG16, VOC07 test) for the classifiers; section 3.1 and
+    # Figure 2 for the SVD (fc6 at 1024 and fc7 at 256 of 4096: 66.9 -> 66.6 mAP, 30% faster).
+    variant_papers: ClassVar[dict[str, str]] = {
+        "default": "66.9 (Fast R-CNN paper, Table 8: softmax; VGG16, VOC07 test)",
+        "svm": "66.8 (Fast R-CNN paper, Table 8: SVM; VGG16)",
+        "svd_1024_256": "66.6 (Fast R-CNN paper, section 3.1 and Figure 2; VGG16)",
+    }
+    train_stages = ("train",)
     stage_groups: ClassVar[dict[str, str]] = {
         "preprocess": "other",
         "conv": "conv",
@@ -512,16 +549,38 @@ class FastRCNN(Detector):
             (self.bbox_pred, 1.0),
         ]
         self.delta_norm: DeltaNorm | None = None  # fitted in fit() for bbox_normalize "per_class"
-        self.svd_head: nn.Sequential | None = None
+        self.svd_heads: dict[str, nn.Sequential] = {}  # per SVD variant, fitted in fit_variants()
+        self.svms: SVMHead | None = None  # the "svm" variant's, fitted in fit_variants()
+        self.cache_dir = Path(context.cache_dir)  # the "svm" variant's feature cache
+
+    @classmethod
+    def offered_variants(cls, cfg: FastRCNNConfig) -> tuple[str, ...]:
+        return (*cls.variants, *(svd_variant(r) for r in cfg.svd_ranks))
+
+    @classmethod
+    def cache_bytes(
+        cls, cfg: FastRCNNConfig, train_images: int, regions_per_image: int, backbone: Backbone
+    ) -> int:
+        """The "svm" variant's feature cache: fc7 of every training RoI, in float16."""
+        if "svm" not in cls.chosen_variants(cfg):
+            return 0
+        return 2 * train_images * regions_per_image * backbone.fc_dim
+
+    def _fc_head(self, variant: str | None) -> nn.Module:
+        """fc6 and fc7 as ``variant`` runs them: the trained head, or its truncated-SVD copy."""
+        return self.svd_heads[variant] if variant in self.svd_heads else self.net.head
 
     def test_modules(self, variant: str | None = None) -> list[nn.Module]:
-        head = self.svd_head if variant == "svd" else self.net.head
-        return [self.net.trunk, head, self.cls_score, self.bbox_pred]
+        # The "svm" variant scores with its SVMs: cls_score does not run.
+        scorer = [] if variant == "svm" else [self.cls_score]
+        return [self.net.trunk, self._fc_head(variant), *scorer, self.bbox_pred]
 
     def test_tensors(self, variant: str | None = None) -> list[Tensor]:
         """The per-class target means and standard deviations the test-time deltas are mapped back
-        with (none for fixed ``bbox_stds``)."""
-        return [] if self.delta_norm is None else [self.delta_norm.mean, self.delta_norm.std]
+        with (none for fixed ``bbox_stds``), and the "svm" variant's SVMs."""
+        norm = [] if self.delta_norm is None else [self.delta_norm.mean, self.delta_norm.std]
+        svms = self.svms.tensors() if variant == "svm" and self.svms else []
+        return norm + svms
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -542,9 +601,45 @@ class FastRCNN(Detector):
             losses = self._train(data, (rois, gts, matches), norm)
         self.delta_norm = None if norm is None else norm.to(self.device)
         self.net.eval()
-        with timer.stage("svd"):
-            self.svd_head = compress_head(self.net.head, cfg.svd_ranks)
         return {"final_loss": float(np.mean(losses[-50:]))}
+
+    def fit_variants(self, data: TrainData, timer: StageTimer) -> dict:
+        """Each enabled SVD variant's truncated head ("<variant>/svd"), and the "svm" variant's SVMs
+        on fc7 of every training RoI, by R-CNN's SVM stage ("svm/features", "svm/svm"; the box
+        deltas stay the network's)."""
+        info = {}
+        for ranks in self.cfg.svd_ranks:
+            variant = svd_variant(ranks)
+            if variant in self.enabled_variants():
+                stages = StageTimer(self.device)
+                with stages.stage("svd"):
+                    self.svd_heads[variant] = compress_head(self.net.head, ranks)
+                timer.add(stages, variant)
+        if "svm" in self.enabled_variants():
+            # R-CNN's settings (feature scaling, negatives' overlap) with this block's SVM solver.
+            svm_cfg = RCNNConfig(svm=self.cfg.svm)
+            regions = training_regions(data, svm_cfg.fg_iou)
+            work = self.cache_dir / f"fast_rcnn_svm-features-{id(self):x}-work-{os.getpid()}"
+            stages = StageTimer(self.device)
+            head, info["svm"] = train_svm_head(
+                self._fc7_of(data), self.net.fc_dim, data, regions, svm_cfg, work, stages, False
+            )
+            timer.add(stages, "svm")
+            self.svms = head.to(self.device)
+        return info
+
+    def _fc7_of(self, data: TrainData) -> FeatureFn:
+        """fc7 of a training image's RoIs (and no box-regression features), as at test time."""
+
+        @torch.no_grad()
+        def fc7_of(i: int, boxes: Tensor) -> tuple[Tensor, Tensor]:
+            image = torch.from_numpy(data.images[i]).to(self.device)
+            x, s = prepare_image(image, self.cfg.scale, self.cfg.max_size)
+            rois = boxes_to_rois([boxes.to(self.device) * s])
+            fc7 = self.net.head(pool_rois(self.net, self.net.trunk(x[None]), rois).flatten(1))
+            return fc7, fc7[:, :0]
+
+        return fc7_of
 
     def _train(
         self,
@@ -619,7 +714,7 @@ class FastRCNN(Detector):
         return sample_rois(rois, gt, m, self.cfg, gen, norm)
 
     def paper_schedule(self, stages_s: dict[str, float]) -> dict:
-        return self.cfg.solver.paper_schedule(stages_s["train"], stages_s.get("svd", 0.0))
+        return self.cfg.solver.paper_schedule(stages_s["train"])
 
     # -- inference --------------------------------------------------------------------------------
 
@@ -628,16 +723,16 @@ class FastRCNN(Detector):
         self, image: Tensor, proposals: Tensor, timer: StageTimer, variant: str | None
     ) -> Detections:
         cfg = self.cfg
-        head = self.svd_head if variant == "svd" else self.net.head
         with timer.stage("preprocess"):
             x, s = prepare_image(image, cfg.scale, cfg.max_size)
         with timer.stage("conv"):
             features = self.net.trunk(x[None])
         size = (image.shape[0], image.shape[1])
         heads = (self.cls_score, self.bbox_pred)
+        svms = (self.svms, cfg.svm_score_thresh) if variant == "svm" else None
         return head_detections(
             self.net,
-            head,
+            self._fc_head(variant),
             heads,
             features,
             proposals,
@@ -648,6 +743,7 @@ class FastRCNN(Detector):
             budget=self.test_budget(),
             norm=self.delta_norm,
             dedup=cfg.dedup_boxes,
+            svms=svms,
         )
 
     @classmethod

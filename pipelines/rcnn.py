@@ -13,6 +13,12 @@ rate without weight decay, the new classifier at 10x), fc7/pool5 feature extract
 on-disk cache, or recomputed while mining: ``features``), SVMs with hard-negative mining, ridge box
 regressors. Test: SVM scores, the originals' adaptive per-class candidate budget (or a fixed
 threshold), box regression, NMS 0.3.
+
+Variants (the R-CNN paper's ablations, Table 2 and appendix B): SVMs on pool5, fc6 or fc7 of the
+fine-tuned network or of the initial one ("_no_ft"), each with the network cut after that layer and
+without box regression; the fine-tuned network's own softmax instead of SVMs ("softmax"); the default
+model without box regression ("no_bbox_reg"). Their SVMs train after the default model's
+(``fit_variants``), each on features of its own layer, kept or recomputed as ``features`` says.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipelines.backbones import Backbone
+from pipelines.backbones import Backbone, truncate
 from pipelines.bbox_regression import BoxRegressors, fit_box_regressors, regression_examples
 from pipelines.detector import (
     TEST_TOPK,
@@ -55,14 +61,17 @@ from pipelines.warp import warp_regions
 __all__ = [
     "FEATURE_STRATEGIES",
     "RCNN",
+    "RCNN_VARIANTS",
     "REGION_BYTES",
     "FeatureCache",
     "RCNNConfig",
+    "RCNNVariant",
     "SVMHead",
     "SVMSettings",
     "cache_features",
     "choose_features",
     "mirror_regions",
+    "ranked_detections",
     "svm_cache_bytes",
     "svm_detections",
     "train_svm_head",
@@ -106,11 +115,13 @@ class RCNNConfig:
     max_per_image: int = 100  # "adaptive": candidates per class and image, before NMS
     max_per_set_factor: int = 40  # "adaptive": candidates per class over a pass, per image
     score_thresh: float = -1.1  # "fixed": SVM score a (region, class) pair needs
+    softmax_thresh: float = 0.01  # "fixed", "softmax" variant: the probability a pair needs
     max_per_class: int = 100  # "fixed": detections kept per class and image, after NMS
     nms_iou: float = 0.3
     region_batch: int = 256  # warped regions per forward pass
     keep_feature_cache: bool = False  # keep the on-disk fc7/pool5 cache after training
     features: str = "disk"  # training fc7: "disk" (a cache), "none" (recomputed to mine), "auto"
+    variants: tuple[str, ...] = ("all",)  # the test-time variants to train, time and score
 
     def __post_init__(self):
         check_features(self.features)
@@ -189,26 +200,27 @@ class SVMSettings(Protocol):
 
 @dataclass
 class SVMHead:
-    """What the SVM stage trains: per-class SVMs on scaled fc7 and box regressors on scaled features.
+    """What the SVM stage trains: per-class SVMs on scaled features (fc7, or a variant's layer) and
+    box regressors on scaled features.
 
     Attributes:
         weight: Tensor[D, K]; bias: Tensor[K]: the SVMs.
-        fc7_scale: the factor that brings fc7's mean L2 norm to ``feature_norm``.
+        fc7_scale: the factor that brings the SVM features' mean L2 norm to ``feature_norm``.
         reg_scale: the same factor for the box-regression features (R-CNN's pool5).
-        regressors: the class-specific box regressors.
+        regressors: the class-specific box regressors (None: a head trained without them).
     """
 
     weight: Tensor
     bias: Tensor
     fc7_scale: float
     reg_scale: float
-    regressors: BoxRegressors
+    regressors: BoxRegressors | None
 
     def tensors(self, with_regressors: bool = True) -> list[Tensor]:
         """What runs at test time: the SVMs, and (unless left out) the box regressors."""
         reg = self.regressors
         return [self.weight, self.bias] + (
-            [reg.weight, reg.bias, reg.t_inv, reg.mu] if with_regressors else []
+            [reg.weight, reg.bias, reg.t_inv, reg.mu] if with_regressors and reg else []
         )
 
     def to(self, device: torch.device) -> SVMHead:
@@ -217,11 +229,12 @@ class SVMHead:
             self.bias.to(device),
             self.fc7_scale,
             self.reg_scale,
-            self.regressors.to(device),
+            None if self.regressors is None else self.regressors.to(device),
         )
 
 
-# Returns fc7 (R, D) and the box-regression features (R, F) of image i's boxes (R, 4).
+# Returns the SVM features (R, D: fc7, or a variant's layer) and the box-regression features (R, F;
+# F = 0 for a head trained without box regressors) of image i's boxes (R, 4).
 FeatureFn = Callable[[int, Tensor], tuple[Tensor, Tensor]]
 
 
@@ -274,21 +287,25 @@ def train_svm_head(
     cfg: SVMSettings,
     work: Path,
     timer: StageTimer,
+    regress: bool = True,
 ) -> tuple[SVMHead, dict]:
-    """R-CNN's steps after fine-tuning, which SPPnet repeats on its own features: extract every training
-    region's features, keeping fc7 in an on-disk cache or not (``cfg.features``; "features"), mine hard
-    negatives for the SVMs ("svm"; without a cache, each image's fc7 is computed again here), fit the
-    box regressors ("bbox_reg"); the cache is removed afterwards unless ``keep_feature_cache``.
+    """R-CNN's steps after fine-tuning, which SPPnet repeats on its own features and the variants
+    (R-CNN's other layers, Fast R-CNN's post-hoc SVMs) on theirs: extract every training region's
+    features, keeping them in an on-disk cache or not (``cfg.features``; "features"), mine hard
+    negatives for the SVMs ("svm"; without a cache, each image's features are computed again here),
+    fit the box regressors ("bbox_reg", with ``regress``); the cache is removed afterwards unless
+    ``keep_feature_cache``.
 
     Args:
         features_of: the features of image i's boxes.
-        fc_dim: D, the width of the fc7 it returns.
+        fc_dim: D, the width of the SVM features it returns.
         data: the training split.
         regions: per image, its training regions (Tensor[R, 4], ground truth first), ground-truth boxes
             and labels, and the regions' matches to them.
         cfg: the pipeline's settings.
         work: the cache folder to create.
-        timer: receives the three stages.
+        timer: receives the stages.
+        regress: fit box regressors; False: the head has none (``features_of`` returns F = 0).
 
     Returns:
         (the trained head, facts to record: the strategy taken, cache size, feature scales, mining
@@ -310,18 +327,20 @@ def train_svm_head(
             pos_all = np.asarray(cache.pos_fc7, np.float32) * cache.fc7_scale
             positives = [pos_all[cache.pos_labels == j + 1] for j in range(data.num_classes)]
             w, b, records = train_svms(positives, cache, cfg.svm)
-        with timer.stage("bbox_reg"):
-            regressors = fit_box_regressors(
-                cache.pool5,
-                cache.reg_boxes,
-                cache.reg_gt,
-                cache.reg_labels,
-                cache.reg_iou,
-                data.num_classes,
-                lam=cfg.bbox_lambda,
-                min_iou=cfg.bbox_min_iou,
-                scale=cache.pool5_scale,
-            )
+        regressors = None
+        if regress:
+            with timer.stage("bbox_reg"):
+                regressors = fit_box_regressors(
+                    cache.pool5,
+                    cache.reg_boxes,
+                    cache.reg_gt,
+                    cache.reg_labels,
+                    cache.reg_iou,
+                    data.num_classes,
+                    lam=cfg.bbox_lambda,
+                    min_iou=cfg.bbox_min_iou,
+                    scale=cache.pool5_scale,
+                )
         cache_bytes = cache.bytes
     finally:
         if not cfg.keep_feature_cache:
@@ -333,10 +352,12 @@ def train_svm_head(
         "features": strategy,
         "feature_cache_bytes": cache_bytes,
         "feature_cache_regions": int(cache.offsets[-1]),
-        "feature_norm_scale": {"fc7": cache.fc7_scale, "pool5": cache.pool5_scale},
+        "feature_norm_scale": {"svm": cache.fc7_scale},
         "svm": [{"class": j + 1, **asdict(r)} for j, r in enumerate(records)],
-        "bbox_examples": regressors.examples,
     }
+    if regressors is not None:
+        info["feature_norm_scale"]["bbox_reg"] = cache.pool5_scale
+        info["bbox_examples"] = regressors.examples
     return head, info
 
 
@@ -428,30 +449,70 @@ def svm_detections(
     regress: bool = True,
     budget: ScoreBudget | None = None,
 ) -> Detections:
-    """The test-time steps after the features: SVM scores and the candidate (region, class) pairs
-    ("classifier"), box regression of the candidates ("bbox_reg"), NMS ("nms").
+    """The test-time steps after the features: SVM scores ("classifier"), then ``ranked_detections``
+    at the fixed ``score_thresh`` (without a budget).
 
     Args:
-        fc7 (Tensor[R, D]), reg_features (Tensor[R, F]): the proposals' features, unscaled.
+        fc7 (Tensor[R, D]), reg_features (Tensor[R, F]): the proposals' features, unscaled (fc7, or
+            the layer a variant's SVMs read).
         proposals (Tensor[R, 4]): in image pixels.
         head: the trained SVMs and regressors, on the features' device.
         cfg: NMS overlap; without a budget, the score threshold and detections kept per class.
         size: the image's (H, W).
-        timer: receives the three stages.
+        timer: receives the "classifier", "bbox_reg" and "nms" stages.
         regress: False leaves the boxes where the proposals are (the "no_bbox_reg" variant).
         budget: the originals' adaptive candidate budget (Detector.test_budget); None: the fixed
             ``score_thresh``, and at most ``max_per_class`` per class after NMS.
     """
     with timer.stage("classifier"):
         scores = (fc7 * head.fc7_scale) @ head.weight + head.bias  # (R, K)
+
+    def move(rows: Tensor, boxes: Tensor, cls: Tensor) -> Tensor:
+        return head.regressors.predict(reg_features[rows] * head.reg_scale, boxes, cls)
+
+    return ranked_detections(
+        scores, proposals, cfg.score_thresh, cfg, size, timer, budget, move if regress else None
+    )
+
+
+# Moves the candidates' boxes: (rows into the proposals (M,), their boxes (M, 4), classes (M,) 0-based)
+# -> regressed boxes (M, 4).
+RegressFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def ranked_detections(
+    scores: Tensor,
+    proposals: Tensor,
+    score_thresh: float,
+    cfg: SVMSettings,
+    size: tuple[int, int],
+    timer: StageTimer,
+    budget: ScoreBudget | None = None,
+    regress: RegressFn | None = None,
+) -> Detections:
+    """The test-time steps after the scores, whatever scored the regions (SVMs, a softmax): the
+    candidate (region, class) pairs ("classifier"), their box regression ("bbox_reg"), NMS ("nms").
+
+    Args:
+        scores (Tensor[R, K]): per-class scores of the proposals.
+        proposals (Tensor[R, 4]): in image pixels.
+        score_thresh: without a budget, the score a candidate needs.
+        cfg: NMS overlap; without a budget, the detections kept per class.
+        size: the image's (H, W).
+        timer: receives the three stages.
+        budget: the originals' adaptive candidate budget (Detector.test_budget); None: the fixed
+            ``score_thresh``, and at most ``max_per_class`` per class after NMS.
+        regress: moves the candidates' boxes; None leaves them where the proposals are.
+    """
+    with timer.stage("classifier"):
         if budget is None:
-            rows, cls = candidates(scores, cfg.score_thresh)
+            rows, cls = candidates(scores, score_thresh)
         else:
             rows, cls = budget.candidates(scores)
     with timer.stage("bbox_reg"):
         boxes = proposals[rows]
-        if regress:
-            boxes = head.regressors.predict(reg_features[rows] * head.reg_scale, boxes, cls)
+        if regress is not None:
+            boxes = regress(rows, boxes, cls)
     with timer.stage("nms"):
         cap = cfg.max_per_class if budget is None else budget.max_per_image
         return select(boxes, scores[rows, cls], cls + 1, size, cfg.nms_iou, cap)
@@ -487,6 +548,38 @@ def training_regions(
     return rois, gts, matches
 
 
+@dataclass(frozen=True)
+class RCNNVariant:
+    """What one of R-CNN's test-time models runs.
+
+    Attributes:
+        layer: the layer the network is cut after and the classifier reads ("pool5", "fc6", "fc7").
+        finetuned: the fine-tuned network; False: the initial weights (ImageNet's in the paper).
+        softmax: the fine-tuning classifier's softmax scores the regions, not SVMs.
+        regress: box regression (on pool5 of the fine-tuned network).
+    """
+
+    layer: str = "fc7"
+    finetuned: bool = True
+    softmax: bool = False
+    regress: bool = False
+
+
+# The default model (None) and the variants. The R-CNN paper's Table 2 trains SVMs on pool5, fc6 and
+# fc7, without fine-tuning and with, all without box regression but for its last row ("FT fc7 BB", the
+# default); its appendix B scores with the fine-tuned softmax instead of SVMs (also without).
+RCNN_VARIANTS: dict[str | None, RCNNVariant] = {
+    None: RCNNVariant(regress=True),
+    "no_bbox_reg": RCNNVariant(),
+    "softmax": RCNNVariant(softmax=True),
+    "fc6": RCNNVariant("fc6"),
+    "pool5": RCNNVariant("pool5"),
+    "fc7_no_ft": RCNNVariant(finetuned=False),
+    "fc6_no_ft": RCNNVariant("fc6", finetuned=False),
+    "pool5_no_ft": RCNNVariant("pool5", finetuned=False),
+}
+
+
 @register
 class RCNN(Detector):
     """R-CNN behind the Detector interface: fine-tunes a copy of the shared backbone, caches its
@@ -496,7 +589,18 @@ class RCNN(Detector):
     label = "R-CNN"
     config_class = RCNNConfig
     keeps_threshold_ties = True  # rcnn_test.m:99 drops only the detections below the threshold
-    variants = ("no_bbox_reg",)
+    variants = tuple(v for v in RCNN_VARIANTS if v is not None)
+    # R-CNN paper (Girshick et al. 2014, arXiv v5), Table 2 and appendix B: AlexNet, VOC 2007 test.
+    variant_papers: ClassVar[dict[str, str]] = {
+        "default": "58.5 (R-CNN paper, Table 2: FT fc7 BB; AlexNet, VOC07 test)",
+        "no_bbox_reg": "54.2 (R-CNN paper, Table 2: FT fc7; AlexNet)",
+        "softmax": "50.9 (R-CNN paper, appendix B: FT softmax; AlexNet)",
+        "fc6": "53.1 (R-CNN paper, Table 2: FT fc6; AlexNet)",
+        "pool5": "47.3 (R-CNN paper, Table 2: FT pool5; AlexNet)",
+        "fc7_no_ft": "44.7 (R-CNN paper, Table 2: fc7; AlexNet)",
+        "fc6_no_ft": "46.2 (R-CNN paper, Table 2: fc6; AlexNet)",
+        "pool5_no_ft": "44.2 (R-CNN paper, Table 2: pool5; AlexNet)",
+    }
     train_stages = ("finetune", "features", "svm", "bbox_reg")
     stage_groups: ClassVar[dict[str, str]] = {
         "preprocess": "other",
@@ -521,14 +625,32 @@ class RCNN(Detector):
         self.cls = nn.Linear(backbone.fc_dim, self.num_classes + 1).to(self.device)  # fine-tuning
         nn.init.normal_(self.cls.weight, std=0.01)
         nn.init.zeros_(self.cls.bias)
+        # The initial weights, kept only for the variants without fine-tuning.
+        self.initial: Backbone | None = None
+        if any(not RCNN_VARIANTS[v].finetuned for v in self.enabled_variants()):
+            self.initial = context.backbone().to(self.device).eval()
         self.cache_dir = Path(context.cache_dir)
-        self.svms: SVMHead | None = None
+        self.svms: dict[tuple[str, bool], SVMHead] = {}  # by (layer, fine-tuned)
+
+    def _network(self, spec: RCNNVariant) -> Backbone:
+        """The network ``spec`` runs: the fine-tuned or the initial one, cut after its layer."""
+        net = self.net if spec.finetuned else self.initial
+        if net is None:
+            raise ValueError(
+                "rcnn: a variant without fine-tuning runs only when pipelines.rcnn.variants "
+                "enables it (the initial weights are kept for those only)"
+            )
+        return truncate(net, spec.layer)
 
     def test_modules(self, variant: str | None = None) -> list[nn.Module]:
-        return [self.net]  # the fine-tuning classifier does not run at test time
+        spec = RCNN_VARIANTS[variant]
+        # The fine-tuning classifier runs at test time only in the "softmax" variant.
+        return [self._network(spec), *([self.cls] if spec.softmax else [])]
 
     def test_tensors(self, variant: str | None = None) -> list[Tensor]:
-        return self.svms.tensors(with_regressors=variant != "no_bbox_reg") if self.svms else []
+        spec = RCNN_VARIANTS[variant]
+        head = None if spec.softmax else self.svms.get((spec.layer, spec.finetuned))
+        return head.tensors(with_regressors=spec.regress) if head else []
 
     @classmethod
     def cache_bytes(
@@ -539,11 +661,20 @@ class RCNN(Detector):
         backbone: Backbone,
         free_bytes: int | None = None,
     ) -> int:
-        """fc7 of every training region (unless ``features`` keeps none) and pool5 of the
-        box-regression examples, in float16 (svm_cache_bytes)."""
+        """The largest of the feature caches, each removed before the next is written
+        (svm_cache_bytes, float16): the default model's, fc7 of every training region unless
+        ``features`` keeps none and pool5 of the box-regression examples; each enabled SVM variant's,
+        its layer of every region."""
         pool5 = backbone.channels * backbone.pool_size**2
         regions = train_images * regions_per_image
-        return svm_cache_bytes(cfg.features, regions, backbone.fc_dim, pool5, free_bytes)
+        widths = {"pool5": pool5, "fc6": backbone.fc_dim, "fc7": backbone.fc_dim}
+        sizes = [svm_cache_bytes(cfg.features, regions, backbone.fc_dim, pool5, free_bytes)]
+        for variant in cls.chosen_variants(cfg):
+            spec = RCNN_VARIANTS[variant]
+            if not spec.softmax:
+                width = widths[spec.layer]
+                sizes.append(svm_cache_bytes(cfg.features, regions, width, 0, free_bytes))
+        return max(sizes)
 
     @classmethod
     def train_ram_bytes(
@@ -554,30 +685,47 @@ class RCNN(Detector):
 
     # -- the network on warped regions -----------------------------------------------------------
 
-    def _pool5(self, regions: Tensor) -> Tensor:
-        """(R, 3, S, S) -> (R, C, P, P): the trunk, then the last max pool."""
-        return F.adaptive_max_pool2d(self.net.trunk(regions), self.net.pool_size)
+    def _pool5(self, net: Backbone, regions: Tensor) -> Tensor:
+        """(R, 3, S, S) -> (R, C, P, P): ``net``'s trunk, then the last max pool."""
+        return F.adaptive_max_pool2d(net.trunk(regions), net.pool_size)
 
     def _warp(self, image: Tensor, boxes: Tensor) -> Tensor:
         return warp_regions(image, boxes, self.net.input_size, self.cfg.context_pad)
 
     @torch.no_grad()
-    def _features(self, image: Tensor, boxes: Tensor, timer: StageTimer) -> tuple[Tensor, Tensor]:
-        """fc7 (R, D) and flattened pool5 (R, C*P*P) of every box of one normalized image, in chunks
-        of ``region_batch`` regions; ``timer`` gets the warp, conv and fc stages."""
-        fc7, pool5 = [], []
+    def _features(
+        self, net: Backbone, image: Tensor, boxes: Tensor, timer: StageTimer
+    ) -> tuple[Tensor, Tensor]:
+        """``net``'s output (R, D) and flattened pool5 (R, C*P*P) of every box of one normalized
+        image, in chunks of ``region_batch`` regions; ``timer`` gets the warp, conv and fc stages."""
+        out, pool5 = [], []
         for chunk in boxes.split(self.cfg.region_batch):
             with timer.stage("warp"):
                 regions = self._warp(image, chunk)
             with timer.stage("conv"):
-                p5 = self._pool5(regions)
+                p5 = self._pool5(net, regions)
             with timer.stage("fc"):
-                fc7.append(self.net(p5))
+                out.append(net(p5))
             pool5.append(p5.flatten(1))
-        if not fc7:
-            d5 = self.net.channels * self.net.pool_size**2
-            return image.new_zeros((0, self.net.fc_dim)), image.new_zeros((0, d5))
-        return torch.cat(fc7), torch.cat(pool5)
+        if not out:
+            d5 = net.channels * net.pool_size**2
+            return image.new_zeros((0, net.fc_dim)), image.new_zeros((0, d5))
+        return torch.cat(out), torch.cat(pool5)
+
+    def _features_of(self, net: Backbone, data: TrainData, regress: bool) -> FeatureFn:
+        """The training images' features for ``train_svm_head``: ``net``'s output, and pool5 for
+        box regression (none without ``regress``)."""
+
+        def features_of(i: int, boxes: Tensor) -> tuple[Tensor, Tensor]:
+            image = normalize_image(torch.from_numpy(data.images[i]).to(self.device))
+            out, pool5 = self._features(net, image, boxes.to(self.device), StageTimer(self.device))
+            return out, pool5 if regress else pool5[:, :0]
+
+        return features_of
+
+    def _work(self, variant: str) -> Path:
+        # The process id ends the name: a later run removes the folder if this process was killed.
+        return self.cache_dir / f"{variant}-features-{id(self):x}-work-{os.getpid()}"
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -585,18 +733,36 @@ class RCNN(Detector):
         regions = training_regions(data, self.cfg.fg_iou)
         with timer.stage("finetune"):
             losses = self._finetune(data, regions[0], regions[2])
-
-        def features_of(i: int, boxes: Tensor) -> tuple[Tensor, Tensor]:
-            image = normalize_image(torch.from_numpy(data.images[i]).to(self.device))
-            return self._features(image, boxes.to(self.device), StageTimer(self.device))
-
-        # The process id ends the name: a later run removes the folder if this process was killed.
-        work = self.cache_dir / f"rcnn-features-{id(self):x}-work-{os.getpid()}"
+        features_of = self._features_of(self.net, data, regress=True)
         svms, info = train_svm_head(
-            features_of, self.net.fc_dim, data, regions, self.cfg, work, timer
+            features_of, self.net.fc_dim, data, regions, self.cfg, self._work("rcnn"), timer
         )
-        self.svms = svms.to(self.device)
+        self.svms[("fc7", True)] = svms.to(self.device)
         return {"finetune_final_loss": float(np.mean(losses[-50:])), **info}
+
+    def fit_variants(self, data: TrainData, timer: StageTimer) -> dict:
+        """SVMs on the layer of each enabled variant that has no SVMs yet, with the default's SVM
+        stage (``train_svm_head``, without box regression), each on a cache of that layer only."""
+        todo = [
+            v
+            for v in self.enabled_variants()
+            if not RCNN_VARIANTS[v].softmax
+            and (RCNN_VARIANTS[v].layer, RCNN_VARIANTS[v].finetuned) not in self.svms
+        ]
+        regions = training_regions(data, self.cfg.fg_iou) if todo else None
+        info = {}
+        for variant in todo:
+            spec = RCNN_VARIANTS[variant]
+            net = self._network(spec)
+            stages = StageTimer(self.device)
+            features_of = self._features_of(net, data, regress=False)
+            work = self._work(f"rcnn_{variant}")
+            head, info[variant] = train_svm_head(
+                features_of, net.fc_dim, data, regions, self.cfg, work, stages, regress=False
+            )
+            timer.add(stages, variant)
+            self.svms[(spec.layer, spec.finetuned)] = head.to(self.device)
+        return info
 
     def _finetune(self, data: TrainData, rois: list[Tensor], matches: list[Matches]):
         """K+1-way softmax fine-tuning on warped regions drawn across the whole training set (indexed
@@ -624,7 +790,7 @@ class RCNN(Detector):
                 )
             if cfg.mirror:
                 regions = mirror_regions(regions, gen)
-            logits = self.cls(self.net(self._pool5(regions)))
+            logits = self.cls(self.net(self._pool5(self.net, regions)))
             return F.cross_entropy(logits, labels[picked].to(self.device))
 
         # Every layer trains (pascal_finetune_train.prototxt: blobs_lr 1 throughout); the new
@@ -644,14 +810,20 @@ class RCNN(Detector):
     def _detect(
         self, image: Tensor, proposals: Tensor, timer: StageTimer, variant: str | None
     ) -> Detections:
+        spec = RCNN_VARIANTS[variant]
         with timer.stage("preprocess"):
             x = normalize_image(image)
-        fc7, pool5 = self._features(x, proposals, timer)
+        out, pool5 = self._features(self._network(spec), x, proposals, timer)
         size = (image.shape[0], image.shape[1])
-        regress = variant != "no_bbox_reg"
         budget = self.test_budget()
+        if spec.softmax:
+            with timer.stage("classifier"):
+                probs = F.softmax(self.cls(out), dim=1)[:, 1:]  # (R, K)
+            thresh = self.cfg.softmax_thresh
+            return ranked_detections(probs, proposals, thresh, self.cfg, size, timer, budget)
+        svms = self.svms[(spec.layer, spec.finetuned)]
         return svm_detections(
-            fc7, pool5, proposals, self.svms, self.cfg, size, timer, regress, budget
+            out, pool5, proposals, svms, self.cfg, size, timer, spec.regress, budget
         )
 
     @classmethod

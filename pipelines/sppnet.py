@@ -93,6 +93,7 @@ class SPPnetConfig:
     nms_iou: float = 0.3
     max_per_class: int = 100
     keep_feature_cache: bool = False  # keep the on-disk fc7/pyramid cache after training
+    variants: tuple[str, ...] = ("all",)  # the test-time variants to time and score
     features: str = "disk"  # training fc7: "disk" (a cache), "none" (recomputed to mine), "auto"
 
     def __post_init__(self):

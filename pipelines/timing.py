@@ -96,3 +96,9 @@ class StageTimer:
         with device_clock(self.device) as took:
             yield
         self.seconds[name] = self.seconds.get(name, 0.0) + took[0]
+
+    def add(self, other: StageTimer, prefix: str) -> None:
+        """Add ``other``'s stage times to this timer's, each stage named "<prefix>/<stage>"."""
+        for name, seconds in other.seconds.items():
+            key = f"{prefix}/{name}"
+            self.seconds[key] = self.seconds.get(key, 0.0) + seconds

@@ -210,3 +210,34 @@ def test_pareto_front_by_hand():
         {"label": "e", "map": 0.5, "ms": 200.0},  # beaten by everything
     ]
     assert pareto(points) == {"a", "b", "d"}
+
+
+def test_tradeoff_table_has_every_variant_and_the_papers_figures(tiny_run):
+    from benchmarks.tables import pipeline_table, tradeoff_table
+
+    results = json.loads((tiny_run / "results.json").read_text())
+    table = tradeoff_table(results)
+    rcnn, fast = results["pipelines"]["rcnn"], results["pipelines"]["fast_rcnn"]
+    assert list(table.index) == [
+        "R-CNN",
+        "R-CNN: no_bbox_reg",
+        "R-CNN: softmax",
+        "Fast R-CNN",
+        "Fast R-CNN: svm",
+        "Fast R-CNN: svd_16_8",
+    ]
+    assert table.loc["R-CNN: softmax", "paper"].startswith("50.9 (R-CNN paper, appendix B")
+    assert table.loc["R-CNN", "paper"].startswith("58.5 (R-CNN paper, Table 2")
+    assert table.loc["Fast R-CNN: svm", "paper"].startswith("66.8 (Fast R-CNN paper, Table 8")
+    assert (
+        table.loc["Fast R-CNN: svd_16_8", "paper"] == ""
+    )  # the paper has no figure at these ranks
+    softmax = rcnn["variants"]["softmax"]
+    assert table.loc["R-CNN: softmax", "params (M)"] == f"{softmax['params'] / 1e6:.3f}"
+    assert table.loc["Fast R-CNN: svm", "ms/img"] == (
+        f"{fast['variants']['svm']['ms_per_image']['median']:.1f}"
+    )
+    # Two pipelines with a variant of the same name keep a row each.
+    results["pipelines"]["sppnet"] = {**copy.deepcopy(rcnn), "label": "SPPnet"}
+    rows = pipeline_table(results).index
+    assert "  R-CNN: no_bbox_reg" in rows and "  SPPnet: no_bbox_reg" in rows

@@ -53,6 +53,16 @@ def test_pipeline_subset_and_baseline(tmp_path):
         ("data: [1, 2]\n", "data: expected a mapping"),
         ("pipelines: {rcnn: {keep_feature_cache: 1}}\n", "expected true or false"),
         ("pipelines: {sppnet2: {}}\n", "pipelines.sppnet2: no pipeline named 'sppnet2'"),
+        (
+            "pipelines: {rcnn: {variants: [fc8]}}\n",
+            "pipelines.rcnn.variants: 'fc8' is not a variant of rcnn (its variants: no_bbox_reg,",
+        ),
+        (
+            "pipelines: {fast_rcnn: {svd_ranks: [[64, 16]], variants: [svd_1024_256]}}\n",
+            "pipelines.fast_rcnn.variants: 'svd_1024_256' is not a variant of fast_rcnn "
+            "(its variants: svm, svd_64_16; or 'all')",
+        ),
+        ("pipelines: {fast_rcnn: {svd_ranks: [64, 16]}}\n", "pipelines.fast_rcnn.svd_ranks"),
         ("a: [\n", "not valid YAML at line"),
         ("- 1\n", "expected a mapping at the top level"),
     ],

@@ -2,19 +2,25 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks.cli import main
 from benchmarks.config import load_config
+from benchmarks.data import TestSet as SplitInMemory  # not a test class for pytest
 from benchmarks.data import load_splits
-from benchmarks.inference import sweep_boxes
+from benchmarks.inference import TimingPlan, sweep_boxes, time_pass
 from benchmarks.results import ResultsError, read_results, validate
-from benchmarks.run import run, weights_sha1
+from benchmarks.run import run, time_variants, weights_sha1
 from pipelines import proposals
 from pipelines.backbones import build_backbone
+from pipelines.detector import Detections, Detector
+from pipelines.registry import BuildContext
 
 
 def tiny_overrides(tmp_path):
@@ -31,7 +37,8 @@ def tiny_overrides(tmp_path):
         "pipelines.fast_rcnn.solver.iters=2",
         "pipelines.fast_rcnn.scale=64",
         "pipelines.fast_rcnn.max_size=128",
-        "pipelines.fast_rcnn.svd_ranks=[16, 8]",
+        "pipelines.fast_rcnn.svd_ranks=[[16, 8]]",
+        "pipelines.fast_rcnn.variants=[svm, svd_16_8]",
         "bench.warmup_images=1",
         "bench.sweep_proposals=[5, 40]",
         "bench.sweep_images=1",
@@ -41,7 +48,8 @@ def tiny_overrides(tmp_path):
 
 
 def test_tiny_end_to_end_run_writes_valid_results(tmp_path):
-    cfg = load_config("benchmarks/configs/default.yaml", tiny_overrides(tmp_path))
+    variants = "pipelines.rcnn.variants=[softmax, pool5]"
+    cfg = load_config("benchmarks/configs/default.yaml", [*tiny_overrides(tmp_path), variants])
     run_dir = run(cfg, "benchmarks/configs/default.yaml")
     results = read_results(run_dir)
     assert (tmp_path / "reports" / "latest").resolve() == run_dir.resolve()
@@ -59,10 +67,26 @@ def test_tiny_end_to_end_run_writes_valid_results(tmp_path):
         per_class = [c["voc07"] for c in rec["map"]["per_class"].values() if c["voc07"] is not None]
         assert rec["map"]["voc07"] == pytest.approx(np.mean(per_class))
         assert len(results["sweep"]["ms"][name]) == 2
-    assert set(results["pipelines"]["rcnn"]["variants"]) == {"no_bbox_reg"}
-    assert set(results["pipelines"]["fast_rcnn"]["variants"]) == {"svd"}
-    s = results["speedup"]["fast_rcnn/rcnn"]
+    # Each variant: its own record, timed on the main pass's images; its training apart from the
+    # default model's.
     r, f = results["pipelines"]["rcnn"], results["pipelines"]["fast_rcnn"]
+    assert set(r["variants"]) == {"softmax", "pool5"} and set(f["variants"]) == {"svm", "svd_16_8"}
+    assert set(r["train"]["stages_s"]) == {"finetune", "features", "svm", "bbox_reg"}
+    assert r["train"]["total_s"] == sum(r["train"]["stages_s"].values())
+    assert set(r["train"]["variant_stages_s"]) == {"pool5/features", "pool5/svm"}
+    assert set(f["train"]["variant_stages_s"]) == {"svm/features", "svm/svm", "svd_16_8/svd"}
+    assert r["variants"]["pool5"]["train_s"] == sum(r["train"]["variant_stages_s"].values())
+    assert r["variants"]["softmax"]["train_s"] == 0
+    for rec in (r, f):
+        for v in rec["variants"].values():
+            assert len(v["samples_ms"]) == 3 and v["flops_per_image"] > 0
+            assert v["model_bytes"] == 4 * v["params"]  # float32 throughout
+    # The cut network and SVMs on pool5 (2048 per class, 4 classes) in place of fc6, fc7, fc7's SVMs
+    # and the box regressors.
+    fc = 2048 * 256 + 256 + 256 * 256 + 256
+    default_head = 256 * 4 + 4 + 4 * 2048 * 4 + 4 * 4 + 4 * 16 + 4 * 4
+    assert r["variants"]["pool5"]["params"] == r["params"] - fc - default_head + 2048 * 4 + 4
+    s = results["speedup"]["fast_rcnn/rcnn"]
     assert s["train"] == r["train"]["total_s"] / f["train"]["total_s"]
     ratios = np.array(r["inference"]["samples_ms"]) / np.array(f["inference"]["samples_ms"])
     assert s["inference"]["paired"]["geomean"] == pytest.approx(np.exp(np.log(ratios).mean()))
@@ -161,3 +185,49 @@ def test_stage_costs_count_the_fc_layers_by_hand():
     assert costs["flops"] == sum(costs["stage_flops"].values())
     # Bytes: fc reads its input (3 x 2048 floats) and weights at least once.
     assert costs["stage_bytes"]["fc"] >= 4 * (3 * 2048 + 2048 * 256 + 256 * 256)
+
+
+@dataclass(frozen=True)
+class _RecorderConfig:
+    variants: tuple[str, ...] = ("all",)
+
+
+class _Recorder(Detector):
+    """Records which image (its first pixel's value) each detection ran on, and in which variant."""
+
+    name = "recorder"
+    config_class = _RecorderConfig
+    owns_proposals = True
+    variants = ("a", "b")
+
+    def __init__(self, cfg: _RecorderConfig):
+        super().__init__(cfg, BuildContext(2, torch.device("cpu"), lambda: None, Path(".")))
+        self.seen: list[tuple[str | None, int]] = []
+
+    def fit(self, data, timer) -> dict:
+        return {}
+
+    def _detect(self, image, proposals, timer, variant) -> Detections:
+        self.seen.append((variant, int(image[0, 0, 0])))
+        return Detections.empty()
+
+    def paper_schedule(self, stages_s) -> dict:
+        return {}
+
+
+def test_variants_are_timed_on_the_main_passes_images():
+    test = SplitInMemory(
+        [torch.full((4, 4, 3), i, dtype=torch.uint8) for i in range(6)], [], [None] * 6
+    )
+    plan = TimingPlan(warmup=(0,), timed=(1, 2, 3), repeats=2)
+    det = _Recorder(_RecorderConfig(variants=("b",)))
+    main = time_pass({"recorder": det}, test, lambda name, i: None, plan, torch.device("cpu"))
+    passes = time_variants({"recorder": det}, test, plan, torch.device("cpu"))
+    assert set(passes["recorder"]) == {"b"}
+    # The same warm-up, then every image in order, each timed one twice (repeats 2).
+    order = [0, 0, 1, 1, 2, 2, 3, 3, 4, 5]
+    assert [i for v, i in det.seen if v is None] == order
+    assert [i for v, i in det.seen if v == "b"] == order
+    assert len(passes["recorder"]["b"].samples_ms) == len(main["recorder"].samples_ms) == 3
+    with pytest.raises(ValueError, match=r"pipelines.recorder.variants: 'c' is not a variant"):
+        _Recorder(_RecorderConfig(variants=("c",)))

@@ -4,10 +4,11 @@ import re
 
 import pytest
 import torch
+from torch.testing import assert_close
 
 from benchmarks.config import RunConfig
 from benchmarks.run import build_pipelines, weights_sha1
-from pipelines.backbones import BackboneConfig, build_backbone
+from pipelines.backbones import BackboneConfig, build_backbone, truncate
 
 
 def test_seeded_init_is_reproducible():
@@ -89,3 +90,55 @@ def test_the_originals_frozen_convs_are_the_first_of_the_trunk(name, convs, froz
     layers = layer_multipliers(bb, len(frozen))
     zero = [m for m, mult in layers if mult == 0]
     assert zero == [bb.trunk[i] for i in frozen]
+
+
+def _conv(cin: int, cout: int, k: int) -> int:
+    return cin * cout * k * k + cout
+
+
+def _fc(fin: int, fout: int) -> int:
+    return fin * fout + fout
+
+
+# Per network: (trunk parameters, pool5 width C*P*P, fc6 parameters, fc7 parameters, fc width).
+_TINY_TRUNK = _conv(3, 16, 3) + _conv(16, 32, 3) + _conv(32, 64, 3) + _conv(64, 128, 3)
+_ALEXNET_TRUNK = (
+    _conv(3, 64, 11)
+    + _conv(64, 192, 5)
+    + _conv(192, 384, 3)
+    + _conv(384, 256, 3)
+    + _conv(256, 256, 3)
+)
+_VGG16_CONVS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256)]
+_VGG16_CONVS += [(256, 512)] + [(512, 512)] * 5
+_LAYERS = {
+    "tiny": (_TINY_TRUNK + _conv(128, 128, 3), 128 * 4 * 4, _fc(2048, 256), _fc(256, 256), 256),
+    "alexnet": (_ALEXNET_TRUNK, 256 * 6 * 6, _fc(9216, 4096), _fc(4096, 4096), 4096),
+    "vgg16": (
+        sum(_conv(a, b, 3) for a, b in _VGG16_CONVS),
+        512 * 7 * 7,
+        _fc(25088, 4096),
+        _fc(4096, 4096),
+        4096,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", ["tiny", "alexnet", "vgg16"])
+def test_truncated_networks_keep_only_the_layers_up_to_the_cut(name):
+    trunk, d5, fc6, fc7, width = _LAYERS[name]
+    bb = build_backbone(BackboneConfig(name=name)).eval()
+    pool5 = torch.randn(2, bb.channels, bb.pool_size, bb.pool_size)
+    want = {"pool5": (trunk, d5), "fc6": (trunk + fc6, width), "fc7": (trunk + fc6 + fc7, width)}
+    for layer, (params, dim) in want.items():
+        cut = truncate(bb, layer)
+        assert sum(p.numel() for p in cut.parameters()) == params, layer
+        assert cut.fc_dim == dim and cut(pool5).shape == (2, dim), layer
+        assert cut.trunk is bb.trunk  # shared, not copied: fine-tuning the net moves the cut one
+    # pool5 is the flattened input; fc6 is the first fc layer and its ReLU, computed by hand.
+    assert torch.equal(truncate(bb, "pool5")(pool5), pool5.flatten(1))
+    first = next(m for m in bb.head if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        assert_close(truncate(bb, "fc6")(pool5), torch.relu(first(pool5.flatten(1))))
+    with pytest.raises(ValueError, match="a network is cut after one of"):
+        truncate(bb, "conv5")

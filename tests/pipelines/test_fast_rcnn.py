@@ -13,7 +13,7 @@ from torch.testing import assert_close
 from datasets.voc import VOCDataset
 from pipelines import fast_rcnn
 from pipelines.backbones import BackboneConfig, build_backbone
-from pipelines.boxes import decode_deltas, encode_deltas, flip_boxes
+from pipelines.boxes import boxes_to_rois, decode_deltas, encode_deltas, flip_boxes
 from pipelines.detector import ScoreBudget, TrainData
 from pipelines.fast_rcnn import (
     DeltaNorm,
@@ -26,9 +26,12 @@ from pipelines.fast_rcnn import (
     prepare_image,
     regression_targets,
     sample_rois,
+    svd_variant,
     training_entries,
 )
+from pipelines.rcnn import SVMHead
 from pipelines.sampling import match
+from pipelines.svm import SVMConfig
 from pipelines.timing import StageTimer
 from pipelines.training import SolverConfig
 from tests.conftest import build_context
@@ -125,16 +128,26 @@ def test_detect_with_zero_proposals_and_tiny_fit(tiny_voc):
         ds, ProposalConfig(resize_max_side=64, max_proposals=40), tiny_voc[0] / "cache"
     )
     data = TrainData([ds.load_image(i) for i in range(len(ds))], ds.annotations, props.boxes, 4)
-    cfg = FastRCNNConfig(scale=64, max_size=128, svd_ranks=(8, 8), solver=SolverConfig(iters=3))
+    cfg = FastRCNNConfig(
+        scale=64,
+        max_size=128,
+        svd_ranks=((8, 8), (16, 4)),
+        variants=("svd_8_8",),
+        solver=SolverConfig(iters=3),
+    )
     det = FastRCNN(cfg, build_context(4))
-    timer = StageTimer("cpu")
+    assert det.offered_variants(cfg) == ("svm", "svd_8_8", "svd_16_4")
+    assert det.enabled_variants() == ("svd_8_8",)
+    timer, variant_timer = StageTimer("cpu"), StageTimer("cpu")
     info = det.fit(data, timer)
-    assert set(timer.seconds) == {"train", "svd"} and np.isfinite(info["final_loss"])
+    assert set(timer.seconds) == {"train"} and np.isfinite(info["final_loss"])
+    det.fit_variants(data, variant_timer)  # the variant's SVD is its own stage, not the default's
+    assert set(variant_timer.seconds) == {"svd_8_8/svd"} and set(det.svd_heads) == {"svd_8_8"}
     image = torch.from_numpy(ds.load_image(0))
     empty = det.detect(image, torch.zeros((0, 4)), StageTimer("cpu"))
     assert empty.boxes.shape == (0, 4) and empty.labels.dtype == torch.long
     t = StageTimer("cpu")
-    d = det.detect(image, torch.from_numpy(props.boxes[0]), t, "svd")
+    d = det.detect(image, torch.from_numpy(props.boxes[0]), t, "svd_8_8")
     assert {"conv", "roi_pool", "fc", "classifier", "bbox_reg", "nms"} <= set(t.seconds)
     h, w = image.shape[:2]
     assert (d.boxes[:, 2] <= w).all() and (d.boxes[:, 3] <= h).all()
@@ -153,7 +166,7 @@ def _tiny_data(tiny_voc, images: int = 4) -> TrainData:
 
 def _tiny_cfg(**kw) -> FastRCNNConfig:
     return FastRCNNConfig(
-        **{"scale": 64, "max_size": 128, "rois_per_image": 16, "svd_ranks": (8, 8), **kw}
+        **{"scale": 64, "max_size": 128, "rois_per_image": 16, "svd_ranks": ((8, 8),), **kw}
     )
 
 
@@ -341,11 +354,78 @@ def test_adaptive_detect_keeps_at_most_max_per_image_per_class(tiny_voc):
 def test_model_size_counts_what_each_variant_runs():
     from pipelines.svd import compress_head
 
-    det = FastRCNN(FastRCNNConfig(), build_context(3))
-    det.svd_head = compress_head(det.net.head, (16, 8))
+    det = FastRCNN(FastRCNNConfig(svd_ranks=((16, 8),)), build_context(3))
+    det.svd_heads["svd_16_8"] = compress_head(det.net.head, (16, 8))
+    det.svms = SVMHead(torch.zeros(256, 3), torch.zeros(3), 1.0, 1.0, None)
     full = det.model_size()["params"]
     # fc6 2048 -> 256 and fc7 256 -> 256 become 2048 -> 16 -> 256 and 256 -> 8 -> 256 (one bias each).
     head = 2048 * 256 + 256 + 256 * 256 + 256
     svd = 2048 * 16 + 16 * 256 + 256 + 256 * 8 + 8 * 256 + 256
-    assert det.model_size("svd")["params"] == full - head + svd
+    assert det.model_size("svd_16_8")["params"] == full - head + svd
     assert det.model_size()["bytes"] == 4 * full
+    # The "svm" variant: 3 SVMs on fc7 (256) in place of cls_score (256 -> 4).
+    assert det.model_size("svm")["params"] == full - (256 * 4 + 4) + (256 * 3 + 3)
+
+
+def test_svd_ranks_name_the_variants_and_bad_ones_fail():
+    assert svd_variant((1024, 256)) == "svd_1024_256"
+    with pytest.raises(ValueError, match="svd_ranks must be >= 1"):
+        FastRCNNConfig(svd_ranks=((0, 8),))
+    with pytest.raises(ValueError, match="svd_ranks lists a pair twice"):
+        FastRCNNConfig(svd_ranks=((8, 8), (8, 8)))
+    with pytest.raises(
+        ValueError, match=r"pipelines.fast_rcnn.variants: 'svd_8_8' is not a variant"
+    ):
+        FastRCNN(FastRCNNConfig(svd_ranks=((16, 8),), variants=("svd_8_8",)), build_context(3))
+
+
+def test_svms_score_the_rois_in_place_of_the_softmax():
+    # SVMs whose weights pick two of fc7's units score the one RoI by hand; cls_score says class
+    # 1 whatever fc7 is, the SVMs say what their scores say.
+    torch.manual_seed(0)
+    net = build_backbone(BackboneConfig())
+    features = torch.randn(1, net.channels, 4, 4)
+    rois = torch.tensor([[8.0, 8, 40, 40]])
+    with torch.no_grad():
+        fc7 = net(pool_rois(net, features, boxes_to_rois([rois])))[0]
+    a, b = fc7.topk(2).indices.tolist()  # two units that fire
+    weight = torch.zeros(net.fc_dim, 2)
+    weight[a, 0], weight[b, 1] = -1.0, 1.0
+    svms = SVMHead(weight, torch.tensor([0.0, 3.0]), 2.0, 1.0, None)
+    heads = _fixed_head(2, net.fc_dim, [0.0, 5.0, 0.0], [0.0] * 8)
+    args = (net, net.head, heads, features, rois, 1.0, (64, 64), _tiny_cfg())
+    soft = head_detections(*args, StageTimer("cpu"))
+    assert soft.labels.tolist()[0] == 1
+    svm = head_detections(*args, StageTimer("cpu"), svms=(svms, -100.0))
+    want = torch.tensor([-2.0 * float(fc7[a]), 2.0 * float(fc7[b]) + 3.0])  # classes 1, 2
+    assert float(fc7[b]) > 0
+    order = want.argsort(descending=True)
+    assert_close(svm.scores, want[order])
+    assert svm.labels.tolist() == (order + 1).tolist()
+    above = head_detections(*args, StageTimer("cpu"), svms=(svms, float(want.max()) - 1e-3))
+    assert above.labels.tolist() == [int(order[0]) + 1]  # the fixed threshold is the SVMs'
+
+
+def test_svm_variant_trains_post_hoc_svms_on_fc7_with_rcnn_stage(tiny_voc, tmp_path):
+    data = _tiny_data(tiny_voc, images=3)
+    cfg = _tiny_cfg(solver=SolverConfig(iters=2), variants=("svm",), svm=SVMConfig(retrain_limit=5))
+    det = FastRCNN(cfg, build_context(4, tmp_path))
+    det.fit(data, StageTimer("cpu"))
+    timer = StageTimer("cpu")
+    info = det.fit_variants(data, timer)
+    assert set(timer.seconds) == {"svm/features", "svm/svm"}  # no box regressors: the net's deltas
+    assert det.svms.weight.shape == (256, 4) and det.svms.regressors is None
+    # Every RoI and every object (all are targets here) of the 3 images.
+    regions = sum(
+        len(p) + len(a.labels) for p, a in zip(data.proposals, data.annotations, strict=True)
+    )
+    assert info["svm"]["feature_cache_regions"] == regions
+    assert not list(tmp_path.glob("fast_rcnn_svm-features-*"))  # the cache is removed
+    image, proposals = torch.from_numpy(data.images[0]), torch.from_numpy(data.proposals[0])
+    d = det.detect(image, proposals, StageTimer("cpu"), "svm")
+    # Each detection scores what the SVM of its class gives fc7 of one of the RoIs.
+    fc7 = det._fc7_of(data)(0, proposals)[0]
+    scores = (fc7 * det.svms.fc7_scale) @ det.svms.weight + det.svms.bias  # (R, K)
+    assert len(d.scores)
+    for score, label in zip(d.scores, d.labels, strict=True):
+        assert (scores[:, label - 1] - score).abs().min() < 1e-4

@@ -6,7 +6,6 @@ learning rate, and the step."""
 from __future__ import annotations
 
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from torchvision import models
 from benchmarks.config import load_config
 from benchmarks.run import build_pipelines
 from datasets.voc import VOCDataset
-from pipelines import fast_rcnn
 from pipelines.backbones import build_backbone, trunk_convs
 from pipelines.detector import TrainData
 from pipelines.rcnn import training_regions
@@ -79,8 +77,7 @@ def test_paper_config_trains_what_the_originals_trained(
     names = {id(m): n for n, m in fast.net.named_modules()}
     convs = [names[id(c)] for c in trunk_convs(fast.net)]
     before = {k: v.clone() for k, v in fast.net.state_dict().items()}
-    # A full SVD of VGG16's fc6 takes minutes on a CPU, and the variant is not what is checked here.
-    with sgd_steps() as steps, mock.patch.object(fast_rcnn, "compress_head", lambda h, r: h):
+    with sgd_steps() as steps:
         fast.fit(data, StageTimer("cpu"))
     after = fast.net.state_dict()
     for k, conv in enumerate(convs):

@@ -158,7 +158,7 @@ def _svm_head_of(det: RCNN, data: TrainData, features: str, tmp_path, calls: lis
     def features_of(i, boxes):
         calls.append(i)
         image = normalize_image(torch.from_numpy(data.images[i]))
-        return det._features(image, boxes, StageTimer("cpu"))
+        return det._features(det.net, image, boxes, StageTimer("cpu"))
 
     cfg = replace(det.cfg, features=features)
     work = tmp_path / f"rcnn-{features}-work-0"
@@ -189,7 +189,7 @@ def test_features_none_recomputes_and_trains_the_disk_strategys_svms(tiny_voc, t
     image, boxes = torch.from_numpy(data.images[1]), torch.from_numpy(data.proposals[1])
     found = []
     for head in (disk, none):
-        det.svms = head
+        det.svms[("fc7", True)] = head
         found.append(det.detect(image, boxes, StageTimer("cpu")))
     assert found[0].scores.numel() > 0
     for a, b in zip(found[0].__dict__.values(), found[1].__dict__.values(), strict=True):
@@ -225,3 +225,79 @@ def test_cache_bytes_follow_the_feature_strategy():
     assert RCNN.cache_bytes(auto, 10, 2000, backbone, free_bytes=10**12) == fc7 + pool5
     with pytest.raises(ValueError, match="features must be one of"):
         RCNNConfig(features="ram")
+
+
+def test_variants_cut_the_network_and_train_svms_on_their_own_layer(tiny_voc, tmp_path):
+    from benchmarks.inference import count_costs
+    from benchmarks.run import weights_sha1
+
+    data = _tiny_data(tiny_voc)
+    cfg = RCNNConfig(
+        context_pad=4,
+        solver=SolverConfig(iters=2),
+        batch_size=16,
+        svm=SVMConfig(retrain_limit=20),
+        variants=("no_bbox_reg", "softmax", "pool5", "fc6_no_ft"),
+    )
+    det = RCNN(cfg, build_context(4, tmp_path))
+    initial = weights_sha1(build_backbone(BackboneConfig()))
+    timer, variant_timer = StageTimer("cpu"), StageTimer("cpu")
+    det.fit(data, timer)
+    info = det.fit_variants(data, variant_timer)
+    # The variants' training is recorded apart, per variant; the default's stages are its own.
+    assert set(timer.seconds) == {"finetune", "features", "svm", "bbox_reg"}
+    assert set(variant_timer.seconds) == {
+        "pool5/features",
+        "pool5/svm",
+        "fc6_no_ft/features",
+        "fc6_no_ft/svm",
+    }
+    assert set(info) == {"pool5", "fc6_no_ft"} and "bbox_examples" not in info["pool5"]
+    assert weights_sha1(det.initial) == initial != weights_sha1(det.net)  # "_no_ft": untouched
+    assert det.svms[("pool5", True)].weight.shape == (128 * 4 * 4, 4)
+    assert det.svms[("fc6", False)].weight.shape == (256, 4)
+    assert not list(tmp_path.glob("*-features-*"))  # every cache removed
+    # Sizes by hand (tiny net: trunk, fc6 2048 -> 256, fc7 256 -> 256; 4 classes).
+    trunk = sum(p.numel() for p in det.net.trunk.parameters())
+    fc6, fc7 = 2048 * 256 + 256, 256 * 256 + 256
+    assert det.model_size("pool5")["params"] == trunk + 2048 * 4 + 4
+    assert det.model_size("fc6_no_ft")["params"] == trunk + fc6 + 256 * 4 + 4
+    assert det.model_size("no_bbox_reg")["params"] == trunk + fc6 + fc7 + 256 * 4 + 4
+    assert det.model_size("softmax")["params"] == trunk + fc6 + fc7 + 256 * 5 + 5
+    (net,) = det.test_modules("fc6_no_ft")
+    assert net.trunk is det.initial.trunk and len(net.head) == 2  # fc6 and its ReLU
+    # FLOPs of one detection: the fc layers of the cut networks only, the same warp and trunk.
+    image, proposals = torch.from_numpy(data.images[0]), torch.from_numpy(data.proposals[0])
+    flops = {
+        v: count_costs(det, image, proposals, torch.device("cpu"), v)["stage_flops"]
+        for v in (None, "pool5", "fc6_no_ft")
+    }
+    r = len(proposals)
+    assert flops[None]["fc"] == 2 * r * (2048 * 256 + 256 * 256)
+    assert flops["fc6_no_ft"]["fc"] == 2 * r * 2048 * 256 and flops["pool5"]["fc"] == 0
+    assert flops[None]["conv"] == flops["pool5"]["conv"] == flops["fc6_no_ft"]["conv"]
+
+
+def test_softmax_variant_uses_no_svm_weights(tiny_voc, tmp_path):
+    data = _tiny_data(tiny_voc)
+    cfg = RCNNConfig(
+        context_pad=4, solver=SolverConfig(iters=2), batch_size=16, variants=("softmax",)
+    )
+    det = RCNN(cfg, build_context(4, tmp_path))
+    assert det.initial is None  # no variant without fine-tuning: no second network kept
+    det.fit(data, StageTimer("cpu"))
+    svm_tensors = {id(t) for head in det.svms.values() for t in head.tensors()}
+    run = det.test_tensors("softmax") + [
+        p for m in det.test_modules("softmax") for p in m.parameters()
+    ]
+    assert det.test_tensors("softmax") == [] and not svm_tensors & {id(t) for t in run}
+    det.svms.clear()  # it detects without them: its scores are the softmax's, by hand
+    image, proposals = torch.from_numpy(data.images[0]), torch.from_numpy(data.proposals[0])
+    d = det.detect(image, proposals, StageTimer("cpu"), "softmax")
+    with torch.no_grad():
+        fc7, _ = det._features(det.net, normalize_image(image), proposals, StageTimer("cpu"))
+        probs = torch.softmax(det.cls(fc7), dim=1)[:, 1:]  # (R, K)
+    assert len(d.scores)
+    for score, label, box in zip(d.scores, d.labels, d.boxes, strict=True):
+        row = (proposals == box).all(dim=1).nonzero()[0, 0]  # no box regression: a proposal
+        assert_close(score, probs[row, label - 1])

@@ -22,6 +22,14 @@ def test_stages_accumulate_exactly():
     assert timer.seconds == {"a": 1.75, "b": 0.0}
 
 
+def test_add_prefixes_and_accumulates_another_timers_stages():
+    main, variant = StageTimer("cpu"), StageTimer("cpu")
+    main.seconds = {"svm": 1.0, "pool5/svm": 0.5}
+    variant.seconds = {"svm": 2.0, "features": 0.25}
+    main.add(variant, "pool5")
+    assert main.seconds == {"svm": 1.0, "pool5/svm": 2.5, "pool5/features": 0.25}
+
+
 class _FakeEvent:
     """Stands in for torch.cuda.Event: the end event is 250 ms after the start event."""
 
