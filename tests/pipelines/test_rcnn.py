@@ -218,9 +218,14 @@ def test_cache_bytes_follow_the_feature_strategy():
     # float16; pool5 for a tenth of the regions (the box-regression share).
     backbone = build_backbone(BackboneConfig())
     fc7, pool5 = 2 * 20000 * 256, 2 * 2000 * 2048
-    assert RCNN.cache_bytes(RCNNConfig(features="disk"), 10, 2000, backbone) == fc7 + pool5
-    assert RCNN.cache_bytes(RCNNConfig(features="none"), 10, 2000, backbone) == pool5
-    auto = RCNNConfig(features="auto")
+    disk, none = RCNNConfig(features="disk", variants=()), RCNNConfig(features="none", variants=())
+    assert RCNN.cache_bytes(disk, 10, 2000, backbone) == fc7 + pool5
+    assert RCNN.cache_bytes(none, 10, 2000, backbone) == pool5
+    # A pool5 SVM variant caches pool5 of every region after the default's cache is gone.
+    pool5_svm = replace(disk, variants=("pool5",))
+    assert RCNN.cache_bytes(pool5_svm, 10, 2000, backbone) == 2 * 20000 * 2048
+    assert RCNN.cache_bytes(replace(pool5_svm, features="none"), 10, 2000, backbone) == pool5
+    auto = RCNNConfig(features="auto", variants=())
     assert RCNN.cache_bytes(auto, 10, 2000, backbone) == pool5  # the least it may keep
     assert RCNN.cache_bytes(auto, 10, 2000, backbone, free_bytes=10**12) == fc7 + pool5
     with pytest.raises(ValueError, match="features must be one of"):
