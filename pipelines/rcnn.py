@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipelines import distributed
 from pipelines.backbones import Backbone
 from pipelines.bbox_regression import BoxRegressors, fit_box_regressors, regression_examples
 from pipelines.detector import (
@@ -359,19 +360,18 @@ def svm_detections(
         return select(boxes, scores[rows, cls], cls + 1, size, cfg.nms_iou, cap)
 
 
-def mirror_regions(regions: Tensor, gen: torch.Generator) -> Tensor:
-    """Mirror each warped region horizontally with probability 1/2, as Caffe's window data layer does
-    for R-CNN's fine-tuning (``mirror: true``).
+def mirror_regions(regions: Tensor, flip: Tensor) -> Tensor:
+    """Mirror warped regions horizontally, as Caffe's window data layer does for R-CNN's fine-tuning
+    (``mirror: true``, each region with probability 1/2: the caller draws ``flip``).
 
     Args:
         regions (Tensor[B, 3, S, S]): warped regions.
-        gen: the random stream (one draw per region).
+        flip (Tensor[B] bool): which to mirror.
 
     Returns:
         Tensor[B, 3, S, S].
     """
-    flip = (torch.rand(regions.shape[0], generator=gen) < 0.5).to(regions.device)
-    return torch.where(flip[:, None, None, None], regions.flip(3), regions)
+    return torch.where(flip.to(regions.device)[:, None, None, None], regions.flip(3), regions)
 
 
 def training_regions(
@@ -425,6 +425,7 @@ class RCNN(Detector):
         nn.init.zeros_(self.cls.bias)
         self.cache_dir = Path(context.cache_dir)
         self.svms: SVMHead | None = None
+        distributed.check_split(cfg.batch_size, f"pipelines.{self.name}.batch_size")
 
     def test_modules(self, variant: str | None = None) -> list[nn.Module]:
         return [self.net]  # the fine-tuning classifier does not run at test time
@@ -479,9 +480,16 @@ class RCNN(Detector):
         with timer.stage("finetune"):
             losses = self._finetune(data, regions[0], regions[2])
 
-        def features_of(i: int, boxes: Tensor) -> tuple[Tensor, Tensor]:
+        def extract(i: int) -> tuple[Tensor, Tensor]:
             image = normalize_image(torch.from_numpy(data.images[i]).to(self.device))
-            return self._features(image, boxes.to(self.device), StageTimer(self.device))
+            boxes = regions[0][i].to(self.device)
+            return tuple(f.cpu() for f in self._features(image, boxes, StageTimer(self.device)))
+
+        # Under torchrun the processes extract the images in turn and share the features.
+        extracted = distributed.in_rounds(extract, len(data.images))
+
+        def features_of(i: int, boxes: Tensor) -> tuple[Tensor, Tensor]:
+            return extracted(i)
 
         # The process id ends the name: a later run removes the folder if this process was killed.
         work = self.cache_dir / f"rcnn-features-{id(self):x}-work-{os.getpid()}"
@@ -505,7 +513,10 @@ class RCNN(Detector):
             fg, bg = sample_fg_bg(
                 iou, cfg.batch_size, cfg.fg_fraction, cfg.fg_iou, (0.0, cfg.fg_iou), gen
             )
-            picked = torch.cat((fg, bg))
+            batch = torch.cat((fg, bg))
+            flips = torch.rand(len(batch), generator=gen) < 0.5  # drawn whether used or not
+            mine = distributed.share(len(batch))  # every process draws the batch, runs its share
+            picked = batch[mine]
             regions = torch.empty(
                 (len(picked), 3, self.net.input_size, self.net.input_size), device=self.device
             )
@@ -516,9 +527,10 @@ class RCNN(Detector):
                     image, boxes[picked[rows]].to(self.device)
                 )
             if cfg.mirror:
-                regions = mirror_regions(regions, gen)
+                regions = mirror_regions(regions, flips[mine])
             logits = self.cls(self.net(self._pool5(regions)))
-            return F.cross_entropy(logits, labels[picked].to(self.device))
+            loss = F.cross_entropy(logits, labels[picked].to(self.device), reduction="sum")
+            return loss / len(batch)
 
         # Every layer trains (pascal_finetune_train.prototxt: blobs_lr 1 throughout); the new
         # classifier at cls_lr_mult.
