@@ -15,9 +15,13 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 def _cmd_run(args: argparse.Namespace) -> int:
     from benchmarks.config import load_config
     from benchmarks.run import run
+    from pipelines import distributed
 
     path = args.config or str(DEFAULT_CONFIG)
-    run(load_config(path, args.set), path)
+    try:
+        run(load_config(path, args.set), path)
+    finally:
+        distributed.finish()
     return 0
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from benchmarks.config import RunConfig
 from benchmarks.data import Splits, log
+from pipelines import distributed
 from pipelines.backbones import Backbone
 from pipelines.detector import Detector
 
@@ -48,7 +49,8 @@ def check_disk(
     """Bytes the caches will need, against the free space of the cache folder.
 
     Returns:
-        {"proposals": bytes, "<pipeline>": bytes of its training cache, "free": bytes free}.
+        {"proposals": bytes, "<pipeline>": bytes of its training caches (one per process on this
+        machine under torchrun), "free": bytes free}.
 
     Raises:
         ValueError: the caches will not fit; the message names the knob that helps.
@@ -58,7 +60,8 @@ def check_disk(
     need = {"proposals": (n_train + len(splits.test)) * regions * 4 * 4}
     for cls in classes:
         block = cfg.pipelines[cls.name]
-        need[cls.name] = cls.cache_bytes(block, n_train, regions, backbone)
+        copies = distributed.local_world_size()  # under torchrun each process keeps its own
+        need[cls.name] = copies * cls.cache_bytes(block, n_train, regions, backbone)
     free = shutil.disk_usage(cfg.cache_dir).free
     total = sum(need.values())
     if total > free:
