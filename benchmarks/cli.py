@@ -15,6 +15,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 def _cmd_run(args: argparse.Namespace) -> int:
     from benchmarks.config import load_config
     from benchmarks.run import run
+    from pipelines import distributed
 
     path = args.config or str(DEFAULT_CONFIG)
     cfg = load_config(path, args.set)
@@ -23,7 +24,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         dry_run(cfg)
         return 0
-    run(cfg, path)
+    try:
+        run(cfg, path)
+    finally:
+        distributed.finish()
     return 0
 
 

@@ -20,6 +20,7 @@ from benchmarks.config import BenchConfig
 from benchmarks.data import TestSet
 from benchmarks.memory import allocation_peak
 from benchmarks.roofline import CostTimer
+from pipelines import distributed
 from pipelines.detector import Detections, Detector
 from pipelines.progress import progress
 from pipelines.timing import StageTimer, autocast, device_clock
@@ -140,6 +141,11 @@ def time_pass(
     """Run every pipeline on ``images`` (default: the whole split), alternating their order image by
     image, after the plan's warm-up; time the images of ``plan.timed``.
 
+    Under torchrun each process runs every world_size-th image (after its own warm-up) and the
+    shares are gathered on every process in image order: each image is timed on the one device
+    that ran it, and the detections, the adaptive budget's final thresholds included, are one
+    process's.
+
     Args:
         detectors: the pipelines of this pass.
         test: the test split in memory.
@@ -155,21 +161,29 @@ def time_pass(
         for name, det in order:
             _timed_detect(det, test.images[i], boxes_for(name, i), device, variant, plan.precision)
     timed = set(plan.timed)
-    out = {name: PassResult() for name in detectors}
     indices = range(len(test.images)) if images is None else images
     for det in detectors.values():  # a pipeline's per-pass state (the originals' candidate budget)
         det.start_pass(len(indices))
-    for step, i in enumerate(progress(indices, desc, "img")):
+    runs: dict[str, dict[int, tuple]] = {name: {} for name in detectors}
+    mine = [indices[k] for k in distributed.share(len(indices))]
+    for step, i in enumerate(progress(mine, desc, "img")):
         for name, det in order if step % 2 == 0 else order[::-1]:
             repeats = plan.repeats if i in timed else 1
-            run = _median_run(
-                det, test.images[i], boxes_for(name, i), device, variant, repeats, plan.precision
+            image, boxes = test.images[i], boxes_for(name, i)
+            runs[name][i] = _median_run(
+                det, image, boxes, device, variant, repeats, plan.precision
             )
-            out[name].detections.append(run[0])
-            if i in timed:
-                out[name].samples_ms.append(run[1])
-                out[name].stages_ms.append(run[2])
+    states = {name: det.pass_state() for name, det in detectors.items()}
+    shares = distributed.gather((runs, states))
+    out = {name: PassResult() for name in detectors}
     for name, det in detectors.items():
+        done = {i: run for share_runs, _ in shares for i, run in share_runs[name].items()}
+        for i in indices:
+            out[name].detections.append(done[i][0])
+            if i in timed:
+                out[name].samples_ms.append(done[i][1])
+                out[name].stages_ms.append(done[i][2])
+        det.join_pass_states([share_states[name] for _, share_states in shares])
         out[name].detections = det.finish_pass(out[name].detections)
     return out
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from benchmarks.config import RunConfig
 from benchmarks.data import Splits, log
+from pipelines import distributed
 from pipelines.backbones import Backbone
 from pipelines.detector import Detector, free_disk
 
@@ -55,7 +56,8 @@ def check_disk(
     """Bytes the caches will need, against the free space of the cache folder.
 
     Returns:
-        {"proposals": bytes, "<pipeline>": bytes of its training cache, "free": bytes free}.
+        {"proposals": bytes, "<pipeline>": bytes of its training caches (one per process on this
+        machine under torchrun), "free": bytes free}.
 
     Raises:
         ValueError: the caches will not fit; the message names the knob that helps.
@@ -66,7 +68,9 @@ def check_disk(
     free = free_disk(Path(cfg.cache_dir))
     for cls in classes:
         block = cfg.pipelines[cls.name]
-        need[cls.name] = cls.cache_bytes(block, n_train, regions, backbone, free)
+        copies = distributed.local_world_size()  # under torchrun each process keeps its own
+        free_share = free // copies
+        need[cls.name] = copies * cls.cache_bytes(block, n_train, regions, backbone, free_share)
     total = sum(need.values())
     if total > free:
         biggest = max(need, key=need.get)

@@ -414,6 +414,8 @@ def _tables(results: dict, history: list[dict]) -> dict[str, pd.DataFrame]:
             h["run_id"]: {
                 "commit": (h.get("commit") or "")[:10],
                 "config": h.get("config"),
+                "processes": h.get("world_size", 1),
+                **{f"{name} train s": f"{t:.1f}" for name, t in h.get("train_s", {}).items()},
                 **{
                     f"{pair} inference": f"{s['inference']:.2f}" for pair, s in h["speedup"].items()
                 },
@@ -494,8 +496,16 @@ def _headline(results: dict) -> list[str]:
 
 
 def _pipeline_notes(results: dict) -> list[str]:
-    """Facts a pipeline's training reported that the tables do not show (on-disk caches)."""
+    """Facts a pipeline's training reported that the tables do not show (on-disk caches, the
+    processes it ran on)."""
     notes = []
+    world = results["env"].get("world_size", 1)
+    if world > 1:
+        notes.append(
+            f"Trained data-parallel on {world} processes (torchrun) with the papers' batches: the "
+            "training times are this world size's (the trend table sets them beside other runs'); "
+            "the test images were shared out and each timed on the one device that ran it."
+        )
     for rec in results["pipelines"].values():
         cache = rec["train"].get("info", {}).get("feature_cache_bytes")
         if cache is not None:

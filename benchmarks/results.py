@@ -189,6 +189,8 @@ def history_line(results: dict) -> dict:
         "commit": results["env"].get("commit"),
         "config": results["config"].get("name"),
         "device_name": results["env"]["device_name"],
+        "world_size": results["env"].get("world_size", 1),
+        "train_s": {name: rec["train"]["total_s"] for name, rec in results["pipelines"].items()},
         "speedup": {
             pair: {
                 "inference": s["inference"]["value"],

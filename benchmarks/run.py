@@ -6,6 +6,11 @@
 
 It knows the pipelines only through pipelines.detector.Detector and the registry: nothing here names
 one. Only the command line imports this module.
+
+Under torchrun every process runs these stages: rank 0 makes the data and the proposals first and the
+others read its caches; training is data-parallel and the timing passes shard the test images
+(pipelines.distributed); then rank 0 alone counts the costs, scores, writes the run folder and the
+report, and the others return.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from benchmarks.results import SCHEMA_VERSION, append_history, validate, write_j
 from benchmarks.roofline import machine_peaks, stage_efficiency, with_reference
 from benchmarks.stats import bootstrap_ratio, paired_ratio, summarize
 from datasets.describe import describe
-from pipelines import registry
+from pipelines import distributed, registry
 from pipelines.backbones import Backbone, build_backbone, clone
 from pipelines.detector import Detector, TrainData
 from pipelines.progress import progress
@@ -61,8 +66,9 @@ from pipelines.timing import StageTimer
 __all__ = ["run"]
 
 
-def run(cfg: RunConfig, config_path: str | None = None) -> Path:
-    """One benchmark run. Returns the run folder (results.json inside)."""
+def run(cfg: RunConfig, config_path: str | None = None) -> Path | None:
+    """One benchmark run. Returns the run folder (results.json inside); None on a process other
+    than rank 0 under torchrun."""
     started = time.perf_counter()
     device = setup(cfg)
     tf32_convs = device.type == "cuda" and torch.backends.cudnn.allow_tf32
@@ -74,7 +80,7 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path:
     )
     check_output(cfg)
     clean_leftovers(cfg)
-    splits = load_splits(cfg)
+    splits = distributed.main_first(lambda: load_splits(cfg))
     check_splits(splits)
     plan = plan_timing(cfg.bench, len(splits.test))
     classes = [registry.get(name) for name in cfg.pipelines]
@@ -82,7 +88,7 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path:
     check_disk(cfg, splits, classes, backbone)
     proposals = None
     if not all(cls.owns_proposals for cls in classes):
-        proposals = shared_proposals(cfg, splits)
+        proposals = distributed.main_first(lambda: shared_proposals(cfg, splits))
     detectors = build_pipelines(cfg, backbone, splits.train.num_classes, device)
     train = load_train_set(splits, proposals, cfg.data.train_difficult)
     training = train_pipelines(detectors, train, device, cfg.seed)
@@ -92,6 +98,8 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path:
     main = time_pass(detectors, test, _boxes_for(detectors, test), plan, device)
     variants = time_variants(detectors, test, plan, device)
     sweep = proposal_sweep(detectors, test, plan, cfg.bench, device)
+    if not distributed.is_main():
+        return None
     costs = {n: _costs(detectors[n], test, plan, device) for n in progress(detectors, "FLOPs")}
     records = pipeline_records(detectors, training, main, variants, costs, splits, proposals)
     add_efficiency(records, costs, peaks)
@@ -113,8 +121,10 @@ def setup(cfg: RunConfig) -> torch.device:
     """Thread count, device, seeds and deterministic kernels."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = distributed.init_from_env(resolve_device(cfg.device))
     make_reproducible(cfg.seed, cfg.deterministic, device)
+    if distributed.world_size() > 1:
+        log(f"process {distributed.rank()} of {distributed.world_size()} on {device}")
     return device
 
 
@@ -167,8 +177,9 @@ def train_pipelines(
     default model's stage times (the variants' are kept apart, "<variant>/<stage>", and count in
     neither ``total_s`` nor the paper-schedule hours), peak memory and what ``fit`` reported."""
     out = {}
+    world = distributed.world_size()
     for name, det in detectors.items():
-        log(f"training {name}")
+        log(f"training {name}" + (f" on {world} processes" if world > 1 else ""))
         timer, variant_timer = StageTimer(device), StageTimer(device)
         with PeakMemory(device) as mem, seeded(seed, name):
             info = det.fit(train, timer)
@@ -387,7 +398,7 @@ def assemble(
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "config_path": config_path,
         "config": to_dict(cfg),
-        "env": environment(device),
+        "env": {**environment(device), "world_size": distributed.world_size()},
         "dataset": {
             "name": splits.train.name,
             "kind": splits.kind,

@@ -225,6 +225,12 @@ class Detector(abc.ABC):
         """Put back a state from ``pass_state``: a repeated run of an image then counts once."""
         self._budget = None if state is None else state.copy()
 
+    def join_pass_states(self, states: list[ScoreBudget | None]) -> None:
+        """The pass ran as disjoint shares of its images, one per process, each begun with
+        ``start_pass`` of the whole pass: its state becomes that of one pass over all the images
+        (ScoreBudget.merge), so that ``finish_pass`` prunes as one process would."""
+        self._budget = None if states[0] is None else ScoreBudget.merge(states)
+
     def test_budget(self) -> ScoreBudget | None:
         """What ``detect`` chooses candidates with: None in "fixed" test_topk; in "adaptive", the
         pass's budget, or outside a pass one that records nothing (the image is treated as a pass's
@@ -388,6 +394,27 @@ class ScoreBudget:
                 self._record(j, [v for v in column if v > -math.inf])
         cls = torch.arange(scores.shape[1], device=scores.device).expand_as(rows)
         return rows[keep], cls[keep]
+
+    @classmethod
+    def merge(cls, budgets: list[ScoreBudget]) -> ScoreBudget:
+        """The budget of one test pass from the budgets of disjoint shares of its images (one per
+        process under torchrun), each begun with the whole pass's ``max_per_set``.
+
+        A class's threshold after a pass is the ``max_per_set``-th highest candidate score once more
+        than ``max_per_set`` candidates were kept, in whatever order the images came: a candidate
+        that a share's lower running threshold let in scores no higher than the one pass's threshold
+        at that point, so it changes neither the top ``max_per_set`` nor, after ``prune``, the
+        detections (to exact ties in score).
+        """
+        first = budgets[0]
+        out = cls(len(first.thresholds), first.max_per_image, first.max_per_set)
+        for j in range(len(out.thresholds)):
+            kept = sorted(v for b in budgets for v in b.kept[j])  # ascending: a min-heap
+            out.kept[j] = kept[-first.max_per_set :]
+            out.counts[j] = sum(b.counts[j] for b in budgets)
+            if out.counts[j] > first.max_per_set:
+                out.thresholds[j] = out.kept[j][0]
+        return out
 
     def copy(self) -> ScoreBudget:
         """An independent copy (the heaps hold floats: copying the lists is enough)."""

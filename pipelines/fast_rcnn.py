@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_pool
 
+from pipelines import distributed
 from pipelines.backbones import Backbone, layer_multipliers
 from pipelines.boxes import boxes_to_rois, decode_deltas, dedup_rois, encode_deltas, flip_boxes
 from pipelines.detector import (
@@ -166,26 +167,36 @@ def prepare_image(
 
 
 def detection_loss(
-    logits: Tensor, deltas: Tensor, labels: Tensor, targets: Tensor, bbox_weight: float = 1.0
+    logits: Tensor,
+    deltas: Tensor,
+    labels: Tensor,
+    targets: Tensor,
+    bbox_weight: float = 1.0,
+    count: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fast R-CNN's multi-task loss.
 
-    L = CE(logits, labels) + bbox_weight * sum over foreground RoIs of smoothL1(deltas of the true
-    class - targets), divided by the number of RoIs (the original's normalisation).
+    L = (sum over RoIs of CE(logits, labels) + bbox_weight * sum over foreground RoIs of
+    smoothL1(deltas of the true class - targets)) / count, count being the mini-batch's RoIs (the
+    original's normalisation).
 
     Args:
         logits (Tensor[R, K+1]); deltas (Tensor[R, 4K]); labels (Tensor[R], 0 = background);
         targets (Tensor[R, 4]), normalised deltas (ignored for background rows).
+        bbox_weight: the box loss's weight.
+        count: the RoIs of the whole mini-batch when these R are one process's share of it (the
+            shares' losses then add up to the batch's); None: R.
 
     Returns:
         (classification loss, box loss), scalars.
     """
-    cls_loss = F.cross_entropy(logits, labels)
+    count = labels.numel() if count is None else count
+    cls_loss = F.cross_entropy(logits, labels, reduction="sum") / count
     fg = torch.nonzero(labels > 0).flatten()
     if fg.numel() == 0:
         return cls_loss, deltas.sum() * 0.0
     per_class = deltas.reshape(deltas.shape[0], -1, 4)[fg, labels[fg] - 1]  # (F, 4)
-    box_loss = F.smooth_l1_loss(per_class, targets[fg], beta=1.0, reduction="sum") / labels.numel()
+    box_loss = F.smooth_l1_loss(per_class, targets[fg], beta=1.0, reduction="sum") / count
     return cls_loss, bbox_weight * box_loss
 
 
@@ -351,6 +362,7 @@ def head_loss(
     labels: Tensor,
     targets: Tensor,
     bbox_weight: float,
+    count: int | None = None,
 ) -> Tensor:
     """The detection loss of a mini-batch of RoIs on a conv map: RoI pooling, fc6/fc7, the two heads.
 
@@ -360,12 +372,14 @@ def head_loss(
         features (Tensor[N, C, h, w]): the batch's conv maps.
         rois (Tensor[B, 5]): in the maps' image pixels; labels (Tensor[B]); targets (Tensor[B, 4]).
         bbox_weight: the box loss's weight.
+        count: the whole mini-batch's RoIs when these are one process's share (detection_loss).
 
     Returns:
         classification loss + box loss, a scalar.
     """
     fc7 = net(pool_rois(net, features, rois))
-    cls_loss, box_loss = detection_loss(heads[0](fc7), heads[1](fc7), labels, targets, bbox_weight)
+    logits, deltas = heads[0](fc7), heads[1](fc7)
+    cls_loss, box_loss = detection_loss(logits, deltas, labels, targets, bbox_weight, count)
     return cls_loss + box_loss
 
 
@@ -549,6 +563,7 @@ class FastRCNN(Detector):
             (self.bbox_pred, 1.0),
         ]
         self.delta_norm: DeltaNorm | None = None  # fitted in fit() for bbox_normalize "per_class"
+        distributed.check_split(cfg.images_per_batch, f"pipelines.{self.name}.images_per_batch")
         self.svd_heads: dict[str, nn.Sequential] = {}  # per SVD variant, fitted in fit_variants()
         self.svms: SVMHead | None = None  # the "svm" variant's, fitted in fit_variants()
         self.cache_dir = Path(context.cache_dir)  # the "svm" variant's feature cache
@@ -559,7 +574,12 @@ class FastRCNN(Detector):
 
     @classmethod
     def cache_bytes(
-        cls, cfg: FastRCNNConfig, train_images: int, regions_per_image: int, backbone: Backbone
+        cls,
+        cfg: FastRCNNConfig,
+        train_images: int,
+        regions_per_image: int,
+        backbone: Backbone,
+        free_bytes: int | None = None,
     ) -> int:
         """The "svm" variant's feature cache: fc7 of every training RoI, in float16."""
         if "svm" not in cls.chosen_variants(cfg):
@@ -664,10 +684,13 @@ class FastRCNN(Detector):
         entries = training_entries(usable, cfg.flip)
         gen = torch.Generator().manual_seed(cfg.solver.seed)
         order: list[int] = []
+        mine = distributed.share(cfg.images_per_batch)  # this process's images of each batch
         self.net.train()
 
         def loss_fn(_: int) -> Tensor:
-            images, batch_rois, labels, targets = [], [], [], []
+            images, batch_rois, labels, targets, count = [], [], [], [], 0
+            # Every process draws the whole batch (one random stream) and prepares every image (the
+            # batch is padded to their common size); it runs the network on its share.
             for n in range(cfg.images_per_batch):
                 i, mirrored = divmod(draw_image(order, entries, gen), 2)
                 flip = bool(mirrored)
@@ -680,10 +703,13 @@ class FastRCNN(Detector):
                     rois[i], gts[i], matches[i], gen, flip, data.images[i].shape[1], norm
                 )
                 images.append(x)
-                batch_rois.append(torch.cat((torch.full((len(box), 1), float(n)), box * s), dim=1))
-                labels.append(lab)
-                targets.append(tgt)
-            features = self.net.trunk(pad_images(images))
+                count += len(lab)
+                if n in mine:
+                    index = torch.full((len(box), 1), float(mine.index(n)))
+                    batch_rois.append(torch.cat((index, box * s), dim=1))
+                    labels.append(lab)
+                    targets.append(tgt)
+            features = self.net.trunk(pad_images(images)[mine])
             return head_loss(
                 self.net,
                 (self.cls_score, self.bbox_pred),
@@ -692,6 +718,7 @@ class FastRCNN(Detector):
                 torch.cat(labels).to(self.device),
                 torch.cat(targets).to(self.device),
                 cfg.bbox_loss_weight,
+                count,
             )
 
         groups = param_groups(self.train_layers, cfg.solver)

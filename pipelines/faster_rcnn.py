@@ -40,6 +40,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
+from pipelines import distributed
 from pipelines.boxes import flip_boxes
 from pipelines.detector import Detections, Detector, TrainData
 from pipelines.fast_rcnn import (
@@ -169,6 +170,7 @@ class FasterRCNN(Detector):
             layer.to(self.device) for layer in new_heads(backbone.fc_dim, self.num_classes)
         )
         self.rpn = build_rpn(cfg, backbone.channels).to(self.device).eval()
+        distributed.check_split(cfg.images_per_batch, f"pipelines.{self.name}.images_per_batch")
 
     def test_modules(self, variant: str | None = None) -> list[nn.Module]:
         return [self.net, self.rpn, self.cls_score, self.bbox_pred]
@@ -192,7 +194,7 @@ class FasterRCNN(Detector):
         # The RPN draws its anchors with torch's global RNG: seed it for this run only.
         devices = [self.device] if self.device.type == "cuda" else []
         with timer.stage("train"), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.cfg.solver.seed)
+            torch.manual_seed(self.cfg.solver.seed + distributed.rank())
             loss_fn = self._loss_fn(data, usable, rpn_losses)
             losses = run_sgd(params, self.cfg.solver, loss_fn, "faster r-cnn train")
         self.net.eval()
@@ -205,16 +207,27 @@ class FasterRCNN(Detector):
     def _loss_fn(
         self, data: TrainData, usable: list[int], rpn_losses: list[float]
     ) -> Callable[[int], Tensor]:
-        """The mini-batch loss for run_sgd; appends each batch's RPN loss to ``rpn_losses``."""
+        """The mini-batch loss for run_sgd; appends each batch's RPN loss to ``rpn_losses``.
+
+        Under torchrun every process draws the batch's images and runs its share of them; its loss
+        is the mean over its images times its share of the batch, which with one image per process
+        is py-faster-rcnn's normalisation (one image per pass, iter_size passes averaged). The RPN's
+        anchors (torch's global stream) and the head's RoIs are drawn from streams of each process's
+        own, so training matches one process in batch size, not draw for draw.
+        """
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.solver.seed)
+        roi_gen = torch.Generator().manual_seed(cfg.solver.seed + 1 + distributed.rank())
         order: list[int] = []
+        mine = distributed.share(cfg.images_per_batch)
 
         def loss_fn(_: int) -> Tensor:
             images, gts, gt_labels = [], [], []
-            for _n in range(cfg.images_per_batch):
+            for n in range(cfg.images_per_batch):
                 i = draw_image(order, usable, gen)
                 flip = cfg.flip and bool(torch.rand((), generator=gen) < 0.5)
+                if n not in mine:
+                    continue
                 x, s = prepare_image(
                     torch.from_numpy(data.images[i]).to(self.device), cfg.scale, cfg.max_size, flip
                 )
@@ -229,7 +242,7 @@ class FasterRCNN(Detector):
             sizes = [(x.shape[1], x.shape[2]) for x in images]
             gt_dev = [g.to(self.device) for g in gts]
             proposals, losses = propose(self.rpn, batch, sizes, features, gt_dev)
-            rois, labels, targets = self._sample(proposals, gts, gt_labels, gen)
+            rois, labels, targets = self._sample(proposals, gts, gt_labels, roi_gen)
             rpn_loss = losses["loss_objectness"] + losses["loss_rpn_box_reg"]
             rpn_losses.append(float(rpn_loss.detach()))
             head = head_loss(
@@ -241,7 +254,7 @@ class FasterRCNN(Detector):
                 targets.to(self.device),
                 cfg.bbox_loss_weight,
             )
-            return head + rpn_loss
+            return (head + rpn_loss) * len(mine) / cfg.images_per_batch
 
         return loss_fn
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipelines import distributed
 from pipelines.backbones import Backbone, truncate
 from pipelines.bbox_regression import BoxRegressors, fit_box_regressors, regression_examples
 from pipelines.detector import (
@@ -518,19 +519,18 @@ def ranked_detections(
         return select(boxes, scores[rows, cls], cls + 1, size, cfg.nms_iou, cap)
 
 
-def mirror_regions(regions: Tensor, gen: torch.Generator) -> Tensor:
-    """Mirror each warped region horizontally with probability 1/2, as Caffe's window data layer does
-    for R-CNN's fine-tuning (``mirror: true``).
+def mirror_regions(regions: Tensor, flip: Tensor) -> Tensor:
+    """Mirror warped regions horizontally, as Caffe's window data layer does for R-CNN's fine-tuning
+    (``mirror: true``, each region with probability 1/2: the caller draws ``flip``).
 
     Args:
         regions (Tensor[B, 3, S, S]): warped regions.
-        gen: the random stream (one draw per region).
+        flip (Tensor[B] bool): which to mirror.
 
     Returns:
         Tensor[B, 3, S, S].
     """
-    flip = (torch.rand(regions.shape[0], generator=gen) < 0.5).to(regions.device)
-    return torch.where(flip[:, None, None, None], regions.flip(3), regions)
+    return torch.where(flip.to(regions.device)[:, None, None, None], regions.flip(3), regions)
 
 
 def training_regions(
@@ -631,6 +631,7 @@ class RCNN(Detector):
             self.initial = context.backbone().to(self.device).eval()
         self.cache_dir = Path(context.cache_dir)
         self.svms: dict[tuple[str, bool], SVMHead] = {}  # by (layer, fine-tuned)
+        distributed.check_split(cfg.batch_size, f"pipelines.{self.name}.batch_size")
 
     def _network(self, spec: RCNNVariant) -> Backbone:
         """The network ``spec`` runs: the fine-tuned or the initial one, cut after its layer."""
@@ -712,14 +713,28 @@ class RCNN(Detector):
             return image.new_zeros((0, net.fc_dim)), image.new_zeros((0, d5))
         return torch.cat(out), torch.cat(pool5)
 
-    def _features_of(self, net: Backbone, data: TrainData, regress: bool) -> FeatureFn:
+    def _features_of(
+        self, net: Backbone, data: TrainData, rois: list[Tensor], regress: bool
+    ) -> FeatureFn:
         """The training images' features for ``train_svm_head``: ``net``'s output, and pool5 for
-        box regression (none without ``regress``)."""
+        box regression (none without ``regress``), of image i's training regions ``rois[i]``.
+
+        Under torchrun the processes extract the images in turn and share the features
+        (distributed.in_rounds), so the returned function must be called with ``rois[i]``.
+        """
+
+        def extract(i: int) -> tuple[Tensor, Tensor]:
+            image = normalize_image(torch.from_numpy(data.images[i]).to(self.device))
+            boxes = rois[i].to(self.device)
+            out, pool5 = self._features(net, image, boxes, StageTimer(self.device))
+            return out.cpu(), (pool5 if regress else pool5[:, :0]).cpu()
+
+        extracted = distributed.in_rounds(extract, len(data.images))
 
         def features_of(i: int, boxes: Tensor) -> tuple[Tensor, Tensor]:
-            image = normalize_image(torch.from_numpy(data.images[i]).to(self.device))
-            out, pool5 = self._features(net, image, boxes.to(self.device), StageTimer(self.device))
-            return out, pool5 if regress else pool5[:, :0]
+            if len(boxes) != len(rois[i]):
+                raise ValueError(f"features_of({i}): asked for other boxes than the training regions")
+            return extracted(i)
 
         return features_of
 
@@ -733,7 +748,7 @@ class RCNN(Detector):
         regions = training_regions(data, self.cfg.fg_iou)
         with timer.stage("finetune"):
             losses = self._finetune(data, regions[0], regions[2])
-        features_of = self._features_of(self.net, data, regress=True)
+        features_of = self._features_of(self.net, data, regions[0], regress=True)
         svms, info = train_svm_head(
             features_of, self.net.fc_dim, data, regions, self.cfg, self._work("rcnn"), timer
         )
@@ -755,7 +770,7 @@ class RCNN(Detector):
             spec = RCNN_VARIANTS[variant]
             net = self._network(spec)
             stages = StageTimer(self.device)
-            features_of = self._features_of(net, data, regress=False)
+            features_of = self._features_of(net, data, regions[0], regress=False)
             work = self._work(f"rcnn_{variant}")
             head, info[variant] = train_svm_head(
                 features_of, net.fc_dim, data, regions, self.cfg, work, stages, regress=False
@@ -778,7 +793,10 @@ class RCNN(Detector):
 
         def loss_fn(_: int) -> Tensor:
             fg, bg = index.sample(cfg.batch_size, cfg.fg_fraction, gen)
-            picked = torch.cat((fg, bg))
+            batch = torch.cat((fg, bg))
+            flips = torch.rand(len(batch), generator=gen) < 0.5  # drawn whether used or not
+            mine = distributed.share(len(batch))  # every process draws the batch, runs its share
+            picked = batch[mine]
             regions = torch.empty(
                 (len(picked), 3, self.net.input_size, self.net.input_size), device=self.device
             )
@@ -789,9 +807,10 @@ class RCNN(Detector):
                     image, boxes[picked[rows]].to(self.device)
                 )
             if cfg.mirror:
-                regions = mirror_regions(regions, gen)
+                regions = mirror_regions(regions, flips[mine])
             logits = self.cls(self.net(self._pool5(self.net, regions)))
-            return F.cross_entropy(logits, labels[picked].to(self.device))
+            loss = F.cross_entropy(logits, labels[picked].to(self.device), reduction="sum")
+            return loss / len(batch)
 
         # Every layer trains (pascal_finetune_train.prototxt: blobs_lr 1 throughout); the new
         # classifier at cls_lr_mult.

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipelines import distributed
 from pipelines.backbones import Backbone
 from pipelines.boxes import boxes_to_rois
 from pipelines.detector import Detections, Detector, TrainData
@@ -183,6 +184,7 @@ class SPPnet(Detector):
         nn.init.zeros_(self.cls.bias)
         self.cache_dir = Path(context.cache_dir)
         self.svms: SVMHead | None = None
+        distributed.check_split(cfg.images_per_batch, f"pipelines.{self.name}.images_per_batch")
 
     def test_modules(self, variant: str | None = None) -> list[nn.Module]:
         return [self.trunk, self.head]  # the fine-tuning classifier does not run at test time
@@ -252,7 +254,11 @@ class SPPnet(Detector):
             with timer.stage("pretrain"):
                 info["pretrain_final_loss"] = self._pretrain(data, regions[0], regions[2])
         with timer.stage("conv"):
-            maps = [self._conv_map(image) for image in data.images]
+            # Under torchrun the processes compute the maps in turn and share them.
+            conv_map = distributed.in_rounds(
+                lambda i: self._conv_map(data.images[i]), len(data.images)
+            )
+            maps = [conv_map(i) for i in range(len(data.images))]
 
         def cached(i: int) -> tuple[Tensor, float]:
             return maps[i][0].to(self.device).float(), maps[i][1]
@@ -264,10 +270,15 @@ class SPPnet(Detector):
             )
 
         @torch.no_grad()
-        def features_of(i: int, boxes: Tensor) -> tuple[Tensor, Tensor]:
+        def extract(i: int) -> tuple[Tensor, Tensor]:
             features, s = cached(i)
-            pyramid = self._pyramid(features, boxes.to(self.device) * s)
-            return self.head(pyramid), pyramid
+            pyramid = self._pyramid(features, regions[0][i].to(self.device) * s)
+            return self.head(pyramid).cpu(), pyramid.cpu()
+
+        extracted = distributed.in_rounds(extract, len(data.images))  # as R-CNN's
+
+        def features_of(i: int, boxes: Tensor) -> tuple[Tensor, Tensor]:
+            return extracted(i)  # cache_features asks for image i's training regions
 
         work = self.cache_dir / f"sppnet-features-{id(self):x}-work-{os.getpid()}"  # see R-CNN
         svms, svm_info = train_svm_head(features_of, self.fc_dim, data, regions, cfg, work, timer)
@@ -312,21 +323,25 @@ class SPPnet(Detector):
         usable = images_in_band(matches, cfg.fg_iou, cfg.bg_iou, self.name)
         gen = torch.Generator().manual_seed(solver.seed)
         order: list[int] = []
+        mine = distributed.share(cfg.images_per_batch)  # as Fast R-CNN's
 
         def loss_fn(_: int) -> Tensor:
-            pyramids, labels = [], []
-            for _n in range(cfg.images_per_batch):
+            pyramids, labels, count = [], [], 0
+            for n in range(cfg.images_per_batch):
                 i = draw_image(order, usable, gen)
                 m = matches[i]
                 fg, bg = sample_fg_bg(
                     m.iou, cfg.rois_per_image, cfg.fg_fraction, cfg.fg_iou, cfg.bg_iou, gen
                 )
                 keep = torch.cat((fg, bg))
-                features, s = map_of(i)
-                pyramids.append(self._pyramid(features, rois[i][keep].to(self.device) * s))
-                labels.append(m.labels[keep])  # 0 below fg_iou: the background
+                count += len(keep)
+                if n in mine:
+                    features, s = map_of(i)
+                    pyramids.append(self._pyramid(features, rois[i][keep].to(self.device) * s))
+                    labels.append(m.labels[keep])  # 0 below fg_iou: the background
             logits = self.cls(self.head(torch.cat(pyramids)))
-            return F.cross_entropy(logits, torch.cat(labels).to(self.device))
+            target = torch.cat(labels).to(self.device)
+            return F.cross_entropy(logits, target, reduction="sum") / count
 
         self.head.train()
         losses = run_sgd(params, solver, loss_fn, desc)

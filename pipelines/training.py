@@ -1,7 +1,12 @@
 """The SGD loop every pipeline fine-tunes with: momentum, weight decay, a step learning-rate schedule,
 and Caffe's per-layer conventions that both originals used (docs/design.md, "The originals' settings"):
 biases at ``bias_lr_mult`` times the learning rate without weight decay, a multiplier per layer (R-CNN's
-new classifier at 10x), and frozen layers (multiplier 0: Fast R-CNN's first convolutions)."""
+new classifier at 10x), and frozen layers (multiplier 0: Fast R-CNN's first convolutions).
+
+Under torchrun the loop runs in every process, with DistributedDataParallel summing the gradients: each
+process computes its share of the one mini-batch (pipelines.distributed.share), so the effective batch
+is the paper's at any world size.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
+from pipelines import distributed
 from pipelines.fidelity import Setting, setting
 from pipelines.progress import progress
 
@@ -92,6 +99,19 @@ def learning_rate(solver: SolverConfig, it: int) -> float:
     return lr
 
 
+class _LossModule(nn.Module):
+    """What DistributedDataParallel wraps: the trained parameters, and a forward that is the loss of
+    one iteration (the pipelines' modules run inside ``loss_fn``; DDP hooks their parameters)."""
+
+    def __init__(self, params: list[nn.Parameter], loss_fn: Callable[[int], Tensor]):
+        super().__init__()
+        self.params = nn.ParameterList(params)
+        self.loss_fn = loss_fn
+
+    def forward(self, it: int) -> Tensor:
+        return self.loss_fn(it)
+
+
 def run_sgd(
     params: Iterable[nn.Parameter] | list[dict],
     solver: SolverConfig,
@@ -100,29 +120,40 @@ def run_sgd(
 ) -> list[float]:
     """Minimise ``loss_fn(iteration)`` for ``solver.iters`` iterations.
 
+    Under torchrun the parameters are wrapped in DistributedDataParallel: every process draws the
+    same mini-batch and ``loss_fn`` computes this process's share of its loss (its items' terms over
+    the whole batch's normaliser), so that the shares add up to the one-process loss. The gradient is
+    then the one-process gradient summed in another order (per process, then across processes).
+
     Args:
         params: what to train: parameters (all at the base rate), or groups from param_groups.
         solver: the schedule.
-        loss_fn: builds one mini-batch and returns its scalar loss.
+        loss_fn: builds one mini-batch and returns this process's share of its scalar loss (the
+            whole loss in one process).
         desc: the progress bar's label.
 
     Returns:
-        The loss of every iteration.
+        The loss of every iteration (the shares summed over the processes).
     """
     opt = torch.optim.SGD(
         list(params), lr=solver.lr, momentum=solver.momentum, weight_decay=solver.weight_decay
     )
+    world = distributed.world_size()
+    forward = loss_fn
+    if world > 1:
+        trained = [p for group in opt.param_groups for p in group["params"]]
+        forward = DistributedDataParallel(_LossModule(trained, loss_fn))
     losses: list[float] = []
     bar = progress(range(solver.iters), desc, "it")
     for it in bar:
         lr = learning_rate(solver, it)
         for group in opt.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
-        loss = loss_fn(it)
+        loss = forward(it)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * world).backward()  # DDP averages the processes' gradients: this makes it a sum
         opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(distributed.sum_over_ranks(loss)))
         if it % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     return losses
