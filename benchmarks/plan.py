@@ -147,6 +147,7 @@ def run_probe(cfg: RunConfig, splits: Splits, backbone: Backbone, device: torch.
             timer = StageTimer(device)
             with PeakMemory(device) as mem, seeded(cfg.seed, name):
                 det.fit(data, timer)
+                det.fit_variants(data, timer)  # "<variant>/<stage>"
             first = None if det.owns_proposals else torch.from_numpy(boxes[0]).to(device)
             det.detect(torch.from_numpy(images[0]).to(device), first, StageTimer(device))  # warm-up
             det.start_pass(k)
@@ -269,7 +270,8 @@ def stage_estimates(
     cfg: RunConfig, splits: Splits, counts: dict[str, dict], probe: Probe
 ) -> dict[str, dict[str, float]]:
     """Seconds per stage, scaled from the probe: an iteration stage (Detector.iteration_stages) by
-    the configured over the probe's iterations, a fixed stage (Detector.fixed_stages) not at all,
+    the configured over the probe's iterations, a fixed stage (Detector.fixed_stages, a variant's
+    too) not at all,
     every other training stage by the training images over the probe's, the test passes (the main
     one and one per enabled variant) by the test images; selective search by the uncached images
     over ``proposal_workers``."""
@@ -284,7 +286,7 @@ def stage_estimates(
             stage: s * iters[stage] / probe_iters[stage]
             if stage in iters
             else s
-            if stage in cls.fixed_stages
+            if stage.rsplit("/", 1)[-1] in cls.fixed_stages  # a variant's stage: "<variant>/<stage>"
             else s * n_train / probe.images
             for stage, s in probe.train_s[name].items()
         }

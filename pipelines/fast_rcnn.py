@@ -531,6 +531,7 @@ class FastRCNN(Detector):
         "svd_1024_256": "66.6 (Fast R-CNN paper, section 3.1 and Figure 2; VGG16)",
     }
     train_stages = ("train",)
+    fixed_stages = ("svd",)  # each SVD variant's: as long on any data
     stage_groups: ClassVar[dict[str, str]] = {
         "preprocess": "other",
         "conv": "conv",

@@ -95,7 +95,7 @@ def test_rcnn_ranks_draw_the_one_process_windows(tiny_voc, tmp_path, monkeypatch
 
 def test_fast_rcnn_ranks_draw_the_one_process_batch(tiny_voc, tmp_path, monkeypatch):
     data = _tiny_data(tiny_voc)
-    cfg = FastRCNNConfig(scale=64, max_size=128, rois_per_image=16, svd_ranks=(8, 8))
+    cfg = FastRCNNConfig(scale=64, max_size=128, rois_per_image=16, svd_ranks=((8, 8),))
     monkeypatch.setattr(fast_rcnn, "run_sgd", _one_step)
     batches = []
 

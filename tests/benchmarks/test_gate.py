@@ -46,6 +46,10 @@ def slower(factor: float):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gate")
+    # The first run in a process pays one-time costs the later ones do not (measured here: R-CNN's
+    # median 59.7 ms in the first run, 43.3 ms in the third); runs compared in CI are each a fresh
+    # process and pay them alike. So the three compared runs come after a run that is not compared.
+    run(load_config("benchmarks/configs/ci.yaml", _overrides(tmp, "first")))
     a = run(load_config("benchmarks/configs/ci.yaml", _overrides(tmp, "a")))
     patch = pytest.MonkeyPatch()
     patch.setattr(FastRCNN, "_detect", slower(1.10)(FastRCNN._detect))

@@ -22,7 +22,7 @@ SMALL = " ".join(
         "pipelines.rcnn.region_batch=32",
         "pipelines.fast_rcnn.scale=64",
         "pipelines.fast_rcnn.max_size=128",
-        "pipelines.fast_rcnn.svd_ranks=[16,8]",
+        "pipelines.fast_rcnn.svd_ranks=[[16,8]]",
         "bench.sweep_proposals=[5]",
         "bench.bootstrap_samples=100",
     ]

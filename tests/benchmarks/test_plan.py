@@ -33,10 +33,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
         "test": {"images": 4, "proposals": 120, "cached": False},
     }
     # Proposals: 9 images x 30 boxes x 4 float32. R-CNN: 150 regions' fc7 (256 wide, float16) and
-    # pool5 (128 x 4 x 4) of a tenth of them; Fast R-CNN keeps no cache.
+    # pool5 (128 x 4 x 4) of a tenth of them; Fast R-CNN's "svm" variant: fc7 of every RoI.
     assert plan.disk["proposals"] == 9 * 30 * 16
     assert plan.disk["rcnn"] == 2 * 150 * 256 + 2 * 15 * 2048
-    assert plan.disk["fast_rcnn"] == 0
+    assert plan.disk["fast_rcnn"] == 2 * 150 * 256
     assert set(plan.stages_s) == {"proposals", "rcnn", "fast_rcnn"}
     assert list(plan.stages_s["rcnn"]) == ["finetune", "features", "svm", "bbox_reg", "test passes"]
     for line in ("trainval", "rcnn finetune", "fast_rcnn test passes", "RAM peak", "disk ("):
@@ -61,7 +61,7 @@ def _probe() -> Probe:
         proposal_s=0.2,
         train_s={
             "rcnn": {"finetune": 0.5, "features": 1.0, "svm": 0.3, "bbox_reg": 0.1},
-            "fast_rcnn": {"train": 0.8, "svd": 0.4},
+            "fast_rcnn": {"train": 0.8, "svd_16_8/svd": 0.4, "svm/features": 0.2, "svm/svm": 0.1},
         },
         detect_s={"rcnn": 0.1, "fast_rcnn": 0.05},
         peak_bytes={"rcnn": 3000, "fast_rcnn": 5000},
@@ -83,7 +83,9 @@ def test_stage_estimates_scale_the_probe(tmp_path):
     assert est["rcnn"] == pytest.approx(
         {"finetune": 125.0, "features": 2.5, "svm": 0.75, "bbox_reg": 0.25, "test passes": 0.8}
     )
-    assert est["fast_rcnn"] == pytest.approx({"train": 0.8, "svd": 0.4, "test passes": 0.6})
+    assert est["fast_rcnn"] == pytest.approx(
+        {"train": 0.8, "svd_16_8/svd": 0.4, "svm/features": 0.5, "svm/svm": 0.25, "test passes": 0.6}
+    )
 
 
 def test_memory_plan_adds_up_and_refuses_naming_the_biggest(tmp_path, monkeypatch):
