@@ -62,6 +62,9 @@ class BenchConfig:
     warmup_images: int = 2  # per pipeline, not counted
     timed_images: int = 0  # 0: every test image (the full configs time at least 64)
     repeats: int = 1  # times each timed image is run; its time is the median of these
+    warm_each_image: bool = (
+        True  # one untimed run of each timed image first (new input sizes' costs)
+    )
     bootstrap_samples: int = 2000  # resamples for the speedup's 95% interval
     sweep_proposals: tuple[int, ...] = (100, 300, 1000, 2000)  # proposals per image in the sweep
     sweep_images: int = 3  # images timed per sweep point

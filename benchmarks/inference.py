@@ -48,12 +48,14 @@ class TimingPlan:
         timed: timed, in order; the same list for the main pass and every variant.
         repeats: times each timed image is run; its figure is the median of these.
         precision: what the passes run in (pipelines.timing.autocast).
+        warm_each: run each timed image once, untimed, before its timed runs.
     """
 
     warmup: tuple[int, ...]
     timed: tuple[int, ...]
     repeats: int = 1
     precision: str = "fp32"
+    warm_each: bool = False
 
 
 @dataclass
@@ -97,7 +99,7 @@ def plan_timing(bench: BenchConfig, n_test: int) -> TimingPlan:
         )
     if bench.timed_images:
         timed = timed[: bench.timed_images]
-    return TimingPlan(warmup, timed, bench.repeats, bench.precision)
+    return TimingPlan(warmup, timed, bench.repeats, bench.precision, bench.warm_each_image)
 
 
 def _timed_detect(
@@ -115,15 +117,18 @@ def _timed_detect(
     return dets, took[0] * 1000, {k: v * 1000 for k, v in timer.seconds.items()}
 
 
-def _median_run(det, image, boxes, device, variant, repeats, precision):
-    """The detections of the first run, and the time and stages of the median of ``repeats``."""
+def _median_run(det, image, boxes, device, variant, repeats, precision, warm):
+    """The detections of the first run, and the time and stages of the median of ``repeats`` timed
+    runs. With ``warm`` one more run comes first and its time is dropped: an input size's first-call
+    costs (cuDNN and cuBLAS plans, oneDNN primitives) then fall on no pipeline's timed runs, whichever
+    pipeline met that size first."""
     state = det.pass_state()  # a repeat must not count the image twice in the pass's budget
     runs = []
-    for k in range(repeats):
+    for k in range(repeats + int(warm)):
         if k:
             det.restore_pass_state(state)
         runs.append(_timed_detect(det, image, boxes, device, variant, precision))
-    ordered = sorted(runs, key=lambda r: r[1])
+    ordered = sorted(runs[int(warm) :], key=lambda r: r[1])
     median = ordered[(len(ordered) - 1) // 2]
     return runs[0][0], median[1], median[2]
 
@@ -170,8 +175,9 @@ def time_pass(
         for name, det in order if step % 2 == 0 else order[::-1]:
             repeats = plan.repeats if i in timed else 1
             image, boxes = test.images[i], boxes_for(name, i)
+            warm = plan.warm_each and i in timed
             runs[name][i] = _median_run(
-                det, image, boxes, device, variant, repeats, plan.precision
+                det, image, boxes, device, variant, repeats, plan.precision, warm
             )
     states = {name: det.pass_state() for name, det in detectors.items()}
     shares = distributed.gather((runs, states))

@@ -286,7 +286,8 @@ def stage_estimates(
             stage: s * iters[stage] / probe_iters[stage]
             if stage in iters
             else s
-            if stage.rsplit("/", 1)[-1] in cls.fixed_stages  # a variant's stage: "<variant>/<stage>"
+            if stage.rsplit("/", 1)[-1]
+            in cls.fixed_stages  # a variant's stage: "<variant>/<stage>"
             else s * n_train / probe.images
             for stage, s in probe.train_s[name].items()
         }

@@ -417,6 +417,7 @@ def assemble(
             "warmup_images": len(plan.warmup),
             "image_ids": [test.image_ids[i] for i in plan.timed],
             "repeats": plan.repeats,
+            "warm_each_image": plan.warm_each,
             "alternating": True,
             "batch_size": 1,
         },

@@ -733,7 +733,9 @@ class RCNN(Detector):
 
         def features_of(i: int, boxes: Tensor) -> tuple[Tensor, Tensor]:
             if len(boxes) != len(rois[i]):
-                raise ValueError(f"features_of({i}): asked for other boxes than the training regions")
+                raise ValueError(
+                    f"features_of({i}): asked for other boxes than the training regions"
+                )
             return extracted(i)
 
         return features_of

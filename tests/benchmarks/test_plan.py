@@ -84,7 +84,13 @@ def test_stage_estimates_scale_the_probe(tmp_path):
         {"finetune": 125.0, "features": 2.5, "svm": 0.75, "bbox_reg": 0.25, "test passes": 0.8}
     )
     assert est["fast_rcnn"] == pytest.approx(
-        {"train": 0.8, "svd_16_8/svd": 0.4, "svm/features": 0.5, "svm/svm": 0.25, "test passes": 0.6}
+        {
+            "train": 0.8,
+            "svd_16_8/svd": 0.4,
+            "svm/features": 0.5,
+            "svm/svm": 0.25,
+            "test passes": 0.6,
+        }
     )
 
 

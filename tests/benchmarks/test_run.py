@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import inference
 from benchmarks.cli import main
 from benchmarks.config import load_config
 from benchmarks.data import TestSet as SplitInMemory  # not a test class for pytest
@@ -231,3 +232,29 @@ def test_variants_are_timed_on_the_main_passes_images():
     assert len(passes["recorder"]["b"].samples_ms) == len(main["recorder"].samples_ms) == 3
     with pytest.raises(ValueError, match=r"pipelines.recorder.variants: 'c' is not a variant"):
         _Recorder(_RecorderConfig(variants=("c",)))
+
+
+def test_each_timed_image_is_warmed_once_and_its_first_time_dropped(monkeypatch):
+    test = SplitInMemory(
+        [torch.full((4, 4, 3), i, dtype=torch.uint8) for i in range(3)], [], [None] * 3
+    )
+    # Per call: the image and a scripted time. Image 1 is timed: an untimed first run (100 ms,
+    # a new input size's costs) and three timed ones (5, 7, 6 ms): median 6.
+    times = iter([50.0, 100.0, 5.0, 7.0, 6.0, 40.0])
+    seen = []
+
+    def fake(det, image, boxes, device, variant, precision):
+        seen.append(int(image[0, 0, 0]))
+        return Detections.empty(), next(times), {"conv": 1.0}
+
+    monkeypatch.setattr(inference, "_timed_detect", fake)
+    det = _Recorder(_RecorderConfig())
+    plan = TimingPlan(warmup=(), timed=(1,), repeats=3, warm_each=True)
+    out = time_pass({"recorder": det}, test, lambda name, i: None, plan, torch.device("cpu"))
+    assert seen == [0, 1, 1, 1, 1, 2]
+    assert out["recorder"].samples_ms == [6.0]
+    # Without the warm run the first run's 100 ms is one of the three: median 7.
+    times = iter([50.0, 100.0, 5.0, 7.0, 40.0])
+    cold = TimingPlan(warmup=(), timed=(1,), repeats=3)
+    out = time_pass({"recorder": det}, test, lambda name, i: None, cold, torch.device("cpu"))
+    assert out["recorder"].samples_ms == [7.0]
