@@ -82,6 +82,39 @@ def _fig_stages(results: dict, out: Path) -> str:
     return _save(fig, out, "stages")
 
 
+def _fig_end_to_end(results: dict, out: Path) -> str:
+    """One stacked bar per pipeline: its end-to-end ms per image by group (tables.GROUPS)."""
+    groups = tables.end_to_end_groups(results)
+    names = list(groups)
+    labels = [_label(results, n) for n in names]
+    fig, ax = plt.subplots(figsize=(WIDTH, 1.4 + 0.6 * len(names)))
+    colours = {"proposals": "#9e9e9e", "conv": "#4c72b0", "per_region": "#dd8452"}
+    colours |= {"classifier": "#55a868", "other": "#c7c7c7"}
+    left = np.zeros(len(names))
+    for group in tables.GROUPS:
+        vals = np.array([groups[n][group] for n in names])
+        if vals.any():
+            label = group.replace("_", "-") + (
+                " (selective search)" if group == "proposals" else ""
+            )
+            ax.barh(labels, vals, left=left, color=colours[group], label=label)
+            left += vals
+    for y, total in enumerate(left):
+        ax.annotate(
+            f"{total:.0f} ms",
+            (total, y),
+            xytext=(4, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=8,
+        )
+    ax.set_xlim(0, left.max() * 1.12)
+    ax.set_xlabel("ms per image, end to end (mean of timed images; proposals: mean per image)")
+    ax.set_title("Where the end-to-end time goes")
+    ax.legend(ncol=5, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3))
+    return _save(fig, out, "end_to_end")
+
+
 def _fig_latency(results: dict, out: Path) -> str:
     pipes = results["pipelines"]
     colours = _colours(results)
@@ -385,6 +418,7 @@ def _history(runs: list[Path], results: list[dict]) -> list[dict]:
 
 def _figures(results: dict, history: list[dict], out: Path) -> list[dict]:
     drawers = [
+        ("Where the end-to-end time goes", lambda: _fig_end_to_end(results, out)),
         ("Inference time by stage", lambda: _fig_stages(results, out)),
         ("Latency distribution", lambda: _fig_latency(results, out)),
         ("Speedup image by image", lambda: _fig_speedup_spread(results, out)),

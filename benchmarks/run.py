@@ -289,6 +289,7 @@ def pipeline_records(
         out[name] = {
             "label": det.label or name,
             "owns_proposals": det.owns_proposals,
+            "stage_groups": dict(det.stage_groups),
             "paper": paper,
             "variant_papers": dict(det.variant_papers),
             "train": training[name],

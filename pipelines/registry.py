@@ -49,12 +49,14 @@ class PaperFigures:
         train_hours: training time.
         test_seconds: test time per image, proposals excluded.
         voc07_map: VOC07 test mAP in percent.
+        end_to_end_seconds: test time per image with the proposals (where the paper gives it).
     """
 
     source: str
     train_hours: float | None = None
     test_seconds: float | None = None
     voc07_map: float | None = None
+    end_to_end_seconds: float | None = None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import tables
 from benchmarks.compare import Side, check, compare, read_baseline, write_baseline
 from benchmarks.config import load_config
 from benchmarks.report import render
@@ -112,6 +113,7 @@ def test_report_has_every_section(tiny_run, tmp_path):
     assert html_path.is_file() and md_path.is_file()  # written by the run itself
     html, md = html_path.read_text(), md_path.read_text()
     titles = (
+        "Where the end-to-end time goes",
         "Inference time by stage",
         "Latency distribution",
         "proposals per image",
@@ -241,3 +243,37 @@ def test_tradeoff_table_has_every_variant_and_the_papers_figures(tiny_run):
     results["pipelines"]["sppnet"] = {**copy.deepcopy(rcnn), "label": "SPPnet"}
     rows = pipeline_table(results).index
     assert "  R-CNN: no_bbox_reg" in rows and "  SPPnet: no_bbox_reg" in rows
+
+
+def test_end_to_end_groups_by_hand():
+    results = {
+        "proposals": {"seconds_per_image": 2.0},
+        "pipelines": {
+            "a": {
+                "stage_groups": {"warp": "per_region", "conv": "per_region", "nms": "classifier"},
+                "inference": {"stages_ms": {"warp": 1.0, "conv": 30.0, "nms": 2.0, "misc": 0.5}},
+            },
+            "b": {
+                "owns_proposals": True,
+                "stage_groups": {"conv": "conv", "rpn": "proposals", "fc": "per_region"},
+                "inference": {"stages_ms": {"conv": 5.0, "rpn": 1.5, "fc": 2.0}},
+            },
+        },
+    }
+    groups = tables.end_to_end_groups(results)
+    # a: selective search 2000 ms, per-region 31, classifier 2, "misc" unnamed -> other.
+    assert groups["a"] == {
+        "proposals": 2000.0,
+        "conv": 0.0,
+        "per_region": 31.0,
+        "classifier": 2.0,
+        "other": 0.5,
+    }
+    # b makes its own proposals: no selective search; its RPN is its proposals' time.
+    assert groups["b"] == {
+        "proposals": 1.5,
+        "conv": 5.0,
+        "per_region": 2.0,
+        "classifier": 0.0,
+        "other": 0.0,
+    }
