@@ -277,7 +277,41 @@ def efficiency_notes(results: dict) -> list[str]:
                 f"{further} is further from the machine's limit"
             )
         notes.append(line + ".")
+    if peak:
+        notes += _below_half(pipes, peak, peaks["bandwidth_gbs"])
     return notes
+
+
+def _below_half(pipes: dict, peak: float, bandwidth: float) -> list[str]:
+    """A sentence for each stage that carries at least a tenth of its pipeline's FLOPs and reaches
+    under half of the matrix-multiply rate: memory-bound when its measured intensity is below the
+    machine's balance (peak over bandwidth), else short of the rate its intensity allows."""
+    balance = peak / bandwidth
+    out = []
+    for rec in pipes.values():
+        eff = rec["inference"].get("efficiency", {})
+        total = sum(e["flops"] for e in eff.values())
+        for stage, e in eff.items():
+            if e["flops"] < 0.1 * total or e["share_of_matmul_peak"] >= 0.5:
+                continue
+            head = (
+                f"{rec['label']} {stage}: {100 * e['share_of_matmul_peak']:.0f}% of the rate "
+                f"({e['flops'] / 1e9:.2f} GFLOP per image in {e['ms']:.1f} ms)"
+            )
+            if e["intensity"] < balance:
+                out.append(
+                    f"{head}; at {e['intensity']:.1f} FLOP per byte moved, below the machine's "
+                    f"balance of {balance:.1f}, it is bound by memory bandwidth, whose ceiling "
+                    f"there ({e['ceiling_gflops_per_s']:.0f} GFLOP/s) it reaches "
+                    f"{100 * e['share_of_ceiling']:.0f}% of."
+                )
+            else:
+                out.append(
+                    f"{head}; its {e['intensity']:.0f} FLOP per byte would allow the full rate, so "
+                    "the gap is the kernels' own: operands too small or too oddly shaped to keep "
+                    "the units busy, and the calls' fixed costs."
+                )
+    return out
 
 
 def data_table(results: dict) -> pd.DataFrame:

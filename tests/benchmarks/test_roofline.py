@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks import tables
 from benchmarks.roofline import CostTimer, reference_gflops, stage_efficiency, with_reference
 
 PEAKS = {"matmul_float32_gflops": 100.0, "bandwidth_gbs": 10.0}
@@ -61,3 +62,36 @@ def test_cost_timer_counts_a_linear_layers_flops_and_bytes():
     # One aten.linear: it reads x (5x8) and the weight (3x8) and writes 5x3 float32s, 4 bytes each.
     assert timer.bytes["fc"] == 4 * (5 * 8 + 3 * 8 + 5 * 3)
     assert set(timer.seconds) == {"fc"}
+
+
+def test_stages_below_half_the_rate_are_explained():
+    def stage(flops, share, intensity, ceiling, ms=10.0):
+        return {
+            "flops": flops,
+            "ms": ms,
+            "share_of_matmul_peak": share,
+            "intensity": intensity,
+            "ceiling_gflops_per_s": ceiling,
+            "share_of_ceiling": share * 100.0 / ceiling,
+        }
+
+    eff = {
+        "conv": stage(8e9, 0.3, 5.0, 50.0),  # intensity 5 < balance 100 / 10: memory-bound
+        "fc": stage(1.5e9, 0.2, 20.0, 100.0),  # enough intensity, still at 20%
+        "nms": stage(1e6, 0.001, 0.1, 1.0),  # under a tenth of the FLOPs: not a heavy stage
+        "warp": stage(1e9, 0.6, 30.0, 100.0),  # above half: nothing to explain
+    }
+    results = {
+        "env": {"peaks": {"matmul_float32_gflops": 100.0, "bandwidth_gbs": 10.0}},
+        "speedup": {},
+        "pipelines": {"a": {"label": "A", "inference": {"efficiency": eff}}},
+    }
+    notes = tables.efficiency_notes(results)
+    assert notes == [
+        "A conv: 30% of the rate (8.00 GFLOP per image in 10.0 ms); at 5.0 FLOP per byte moved, "
+        "below the machine's balance of 10.0, it is bound by memory bandwidth, whose ceiling there "
+        "(50 GFLOP/s) it reaches 60% of.",
+        "A fc: 20% of the rate (1.50 GFLOP per image in 10.0 ms); its 20 FLOP per byte would allow "
+        "the full rate, so the gap is the kernels' own: operands too small or too oddly shaped to "
+        "keep the units busy, and the calls' fixed costs.",
+    ]
