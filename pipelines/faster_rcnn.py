@@ -18,12 +18,15 @@ image border in training and drops no proposal for being under 16 pixels.
 
 Training (approximate joint training, py-faster-rcnn's end-to-end recipe): per SGD step
 ``images_per_batch`` images (py-faster-rcnn: one image per pass and two passes per step, iter_size 2),
-mirrored at random; loss = the RPN's two losses + Fast R-CNN's detection loss on 128 RoIs per image
-drawn from that image's proposals (detached: no gradient flows through the proposal boxes) and its
-ground-truth boxes, 25% foreground (IoU >= 0.5), background in [0.1, 0.5). Settings from
-py-faster-rcnn: lib/fast_rcnn/config.py (RPN_*, BATCH_SIZE 128), experiments/cfgs/
-faster_rcnn_end2end.yml (IMS_PER_BATCH 1), models/VGG16/faster_rcnn_end2end/solver.prototxt (lr 0.001,
-step 50k, iter_size 2), experiments/scripts/faster_rcnn_end2end.sh (70k iterations on VOC07).
+mirrored at random; the trunk's first ``frozen_convs`` convolutions fixed (py-faster-rcnn: conv1_1 to
+conv2_2 of VGG16) and biases at the solver's bias multiplier; loss = the RPN's two losses + Fast R-CNN's
+detection loss on 128 RoIs per image drawn from that image's proposals (detached: no gradient flows
+through the proposal boxes) and its ground-truth boxes, 25% foreground (IoU >= 0.5), background in
+``bg_iou`` (py-faster-rcnn's end-to-end recipe: [0, 0.5)). Settings from py-faster-rcnn:
+lib/fast_rcnn/config.py (RPN_*, BATCH_SIZE 128), experiments/cfgs/faster_rcnn_end2end.yml
+(IMS_PER_BATCH 1, BG_THRESH_LO 0), models/VGG16/faster_rcnn_end2end/solver.prototxt (lr 0.001, step
+50k, iter_size 2), experiments/scripts/faster_rcnn_end2end.sh (70k iterations on VOC07); ``fidelity``
+lists each with file:line.
 Test: the top 300 proposals after NMS, then Fast R-CNN's test steps.
 """
 
@@ -41,6 +44,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
 from pipelines import distributed
+from pipelines.backbones import layer_multipliers
 from pipelines.boxes import flip_boxes
 from pipelines.detector import Detections, Detector, TrainData
 from pipelines.fast_rcnn import (
@@ -52,10 +56,11 @@ from pipelines.fast_rcnn import (
     prepare_image,
     sample_rois,
 )
+from pipelines.fidelity import FASTER_RCNN_REPO, Setting, setting
 from pipelines.registry import BuildContext, PaperFigures, register
 from pipelines.sampling import match, with_ground_truth
 from pipelines.timing import StageTimer
-from pipelines.training import SolverConfig, run_sgd
+from pipelines.training import SolverConfig, param_groups, run_sgd, solver_rows
 
 __all__ = ["FasterRCNN", "FasterRCNNConfig", "build_rpn", "propose"]
 
@@ -68,6 +73,9 @@ class FasterRCNNConfig:
     max_size: int = 1000  # longer side at most this
     solver: SolverConfig = field(
         default_factory=lambda: SolverConfig(paper_iters=70000, lr_step=50000)
+    )
+    frozen_convs: int = (
+        0  # leading convolutions of the trunk not trained (4 for VGG16 in the original)
     )
     images_per_batch: int = 2
     rois_per_image: int = 128
@@ -92,6 +100,10 @@ class FasterRCNNConfig:
     rpn_post_nms_train: int = 2000
     rpn_pre_nms_test: int = 6000  # ... and at test time
     rpn_post_nms_test: int = 300
+
+    def __post_init__(self):
+        if self.frozen_convs < 0:
+            raise ValueError(f"frozen_convs must be >= 0, got {self.frozen_convs}")
 
 
 def build_rpn(cfg: FasterRCNNConfig, channels: int) -> RegionProposalNetwork:
@@ -171,6 +183,13 @@ class FasterRCNN(Detector):
             layer.to(self.device) for layer in new_heads(backbone.fc_dim, self.num_classes)
         )
         self.rpn = build_rpn(cfg, backbone.channels).to(self.device).eval()
+        # As Fast R-CNN's: built here, so that a frozen_convs the trunk lacks fails before training.
+        self.train_layers = [
+            *layer_multipliers(self.net, cfg.frozen_convs),
+            (self.rpn, 1.0),
+            (self.cls_score, 1.0),
+            (self.bbox_pred, 1.0),
+        ]
         distributed.check_split(cfg.images_per_batch, f"pipelines.{self.name}.images_per_batch")
 
     def test_modules(self, variant: str | None = None) -> list[nn.Module]:
@@ -186,12 +205,7 @@ class FasterRCNN(Detector):
         rpn_losses: list[float] = []
         self.net.train()
         self.rpn.train()
-        params = [
-            *self.net.parameters(),
-            *self.rpn.parameters(),
-            *self.cls_score.parameters(),
-            *self.bbox_pred.parameters(),
-        ]
+        params = param_groups(self.train_layers, self.cfg.solver)
         # The RPN draws its anchors with torch's global RNG: seed it for this run only.
         devices = [self.device] if self.device.type == "cuda" else []
         with timer.stage("train"), torch.random.fork_rng(devices=devices):
@@ -302,3 +316,100 @@ class FasterRCNN(Detector):
         return head_detections(
             self.net, self.net.head, heads, features, proposals, s, size, cfg, timer
         )
+
+    @classmethod
+    def fidelity(cls, cfg: FasterRCNNConfig) -> list[Setting]:
+        """Faster R-CNN's settings beside py-faster-rcnn's end-to-end VGG16 recipe on VOC07."""
+        repo = FASTER_RCNN_REPO
+        models = "models/pascal_voc/VGG16/faster_rcnn_end2end"
+        solver, net = f"{models}/solver.prototxt", f"{models}/train.prototxt"
+        config, end2end = "lib/fast_rcnn/config.py", "experiments/cfgs/faster_rcnn_end2end.yml"
+        anchors = "lib/rpn/generate_anchors.py:37-38"
+        test = "lib/fast_rcnn/test.py"
+        iters = "experiments/scripts/faster_rcnn_end2end.sh:30,55"
+        originals = {
+            "lr": (0.001, f"{solver}:2"),
+            "lr_step": (50000, f"{solver}:3-5"),
+            "momentum": (0.9, f"{solver}:9"),
+            "weight_decay": (0.0005, f"{solver}:10"),
+            "iters": (70000, iters),
+            "paper_iters": (70000, iters),
+            "bias_lr_mult": (2.0, f"{net}:142-147"),
+            "bias_decay": (True, f"{net}:142-147 (no decay_mult: Caffe's default 1)"),
+        }
+        flips = "random (p 1/2)" if cfg.flip else "none"
+        rows = [
+            setting("faster_rcnn", name, original, f"{repo} {source}", value)
+            for name, original, source, value in (
+                (
+                    "leading conv layers frozen",
+                    4,
+                    f"{net}:20-27,45-52,81-88,106-113 (VGG16: conv1_1-conv2_2)",
+                    cfg.frozen_convs,
+                ),
+                ("new layers' learning-rate multiplier", 1.0, f"{net}:374-375,613-618", 1.0),
+                ("shorter side (px)", 600, f"{config}:38,135", cfg.scale),
+                ("longer side at most (px)", 1000, f"{config}:41,138", cfg.max_size),
+                (
+                    "images per SGD step",
+                    2,
+                    f"{end2end}:4 (one per pass), {solver}:16 (iter_size 2)",
+                    cfg.images_per_batch,
+                ),
+                (
+                    "RoIs per image",
+                    128,
+                    f"{config}:47, lib/rpn/proposal_target_layer.py:59",
+                    cfg.rois_per_image,
+                ),
+                ("foreground fraction", 0.25, f"{config}:50", cfg.fg_fraction),
+                ("foreground IoU", 0.5, f"{config}:53", cfg.fg_iou),
+                ("background IoU band", (0.0, 0.5), f"{config}:57, {end2end}:9", cfg.bg_iou),
+                ("training flips", "append", f"{config}:61, lib/fast_rcnn/train.py:116-118", flips),
+                (
+                    "box-target standard deviations",
+                    (0.1, 0.1, 0.2, 0.2),
+                    f"{config}:87-89, {end2end}:5 (means 0)",
+                    cfg.bbox_stds,
+                ),
+                (
+                    "anchor sides (px)",
+                    (128, 256, 512),
+                    f"{anchors} (16 x 8, 16, 32), lib/rpn/anchor_target_layer.py:28-29",
+                    cfg.anchor_sizes,
+                ),
+                ("anchor aspect ratios", (0.5, 1.0, 2.0), anchors, cfg.aspect_ratios),
+                ("RPN positive IoU", 0.7, f"{config}:102, {end2end}:6", cfg.rpn_fg_iou),
+                ("RPN negative IoU, below", 0.3, f"{config}:104", cfg.rpn_bg_iou),
+                ("RPN anchors per image", 256, f"{config}:110, {end2end}:7", cfg.rpn_batch),
+                ("RPN positive fraction, at most", 0.5, f"{config}:108", cfg.rpn_fg_fraction),
+                ("RPN NMS IoU", 0.7, f"{config}:112,158", cfg.rpn_nms_iou),
+                ("RPN top-N before NMS, training", 12000, f"{config}:114", cfg.rpn_pre_nms_train),
+                ("RPN top-N after NMS, training", 2000, f"{config}:116", cfg.rpn_post_nms_train),
+                ("RPN top-N before NMS, test", 6000, f"{config}:160", cfg.rpn_pre_nms_test),
+                ("RPN top-N after NMS, test", 300, f"{config}:162", cfg.rpn_post_nms_test),
+                # What torchvision's RPN does, with no setting here to change it.
+                (
+                    "anchors crossing the image border in the RPN's loss",
+                    "ignored",
+                    "lib/rpn/anchor_target_layer.py:49,109-115",
+                    "kept",
+                ),
+                (
+                    "RPN proposals smaller than this dropped (px, original image)",
+                    16,
+                    f"{config}:118,164, lib/rpn/proposal_layer.py:68",
+                    "none",
+                ),
+                ("test score threshold", 0.05, f"{test}:227,264", cfg.score_thresh),
+                ("NMS IoU", 0.3, f"{config}:142, lib/fast_rcnn/test.py:269", cfg.nms_iou),
+                (
+                    "detections kept per image, after NMS",
+                    "100 over all classes",
+                    f"{test}:227,275-283, tools/test_net.py:49-51",
+                    f"{cfg.max_per_class} per class",
+                ),
+            )
+        ]
+        sources = {key: (value, f"{repo} {source}") for key, (value, source) in originals.items()}
+        return [*solver_rows("faster_rcnn", cfg.solver, sources), *rows]

@@ -5,11 +5,20 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["FAST_RCNN_REPO", "RCNN_REPO", "Setting", "setting"]
+__all__ = [
+    "FASTER_RCNN_REPO",
+    "FAST_RCNN_REPO",
+    "RCNN_REPO",
+    "SPP_NET_REPO",
+    "Setting",
+    "setting",
+]
 
 # The commits the file:line references point into.
 RCNN_REPO = "rbgirshick/rcnn@43b0334"
 FAST_RCNN_REPO = "rbgirshick/fast-rcnn@b612190"
+SPP_NET_REPO = "ShaoqingRen/SPP_net@ca96759"  # ZF-5 (Zeiler) model definitions; no VGG16 ones
+FASTER_RCNN_REPO = "rbgirshick/py-faster-rcnn@781a917"
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from pipelines.backbones import Backbone
 from pipelines.boxes import boxes_to_rois
 from pipelines.detector import Detections, Detector, TrainData
 from pipelines.fast_rcnn import draw_image, images_in_band, prepare_image, roi_max_pool
+from pipelines.fidelity import SPP_NET_REPO, Setting, setting
 from pipelines.rcnn import (
     REGION_BYTES,
     SVMHead,
@@ -60,7 +61,7 @@ from pipelines.registry import BuildContext, PaperFigures, register
 from pipelines.sampling import Matches, sample_fg_bg
 from pipelines.svm import SVMConfig
 from pipelines.timing import StageTimer
-from pipelines.training import SolverConfig, run_sgd
+from pipelines.training import SolverConfig, param_groups, run_sgd, solver_rows
 
 __all__ = ["SPPnet", "SPPnetConfig", "spatial_pyramid_pool", "spp_head"]
 
@@ -264,7 +265,7 @@ class SPPnet(Detector):
             return maps[i][0].to(self.device).float(), maps[i][1]
 
         with timer.stage("finetune"):
-            params = [*self.head.parameters(), *self.cls.parameters()]
+            params = param_groups([(self.head, 1.0), (self.cls, 1.0)], cfg.solver)
             losses = self._softmax_sgd(
                 cached, regions[0], regions[2], params, cfg.solver, "sppnet fine-tune"
             )
@@ -302,8 +303,8 @@ class SPPnet(Detector):
             return self.trunk(x[None]), s
 
         self.trunk.train().requires_grad_(True)
-        params = [*self.trunk.parameters(), *self.head.parameters(), *self.cls.parameters()]
         solver = replace(cfg.solver, iters=cfg.pretrain_iters)
+        params = param_groups([(self.trunk, 1.0), (self.head, 1.0), (self.cls, 1.0)], solver)
         losses = self._softmax_sgd(live, rois, matches, params, solver, "sppnet conv pre-training")
         self.trunk.eval().requires_grad_(False)
         return float(np.mean(losses[-50:]))
@@ -313,12 +314,13 @@ class SPPnet(Detector):
         map_of: Callable[[int], tuple[Tensor, float]],
         rois: list[Tensor],
         matches: list[Matches],
-        params: list[nn.Parameter],
+        params: list[dict],
         solver: SolverConfig,
         desc: str,
     ) -> list[float]:
         """K+1-way softmax training of ``params`` on the pyramids of RoIs sampled as Fast R-CNN's
-        mini-batches; ``map_of(i)`` gives image i's conv map (1, C, h, w) and its resize factor."""
+        mini-batches; ``map_of(i)`` gives image i's conv map (1, C, h, w) and its resize factor;
+        ``params``: groups from pipelines.training.param_groups (biases at the solver's multiplier)."""
         cfg = self.cfg
         usable = images_in_band(matches, cfg.fg_iou, cfg.bg_iou, self.name)
         gen = torch.Generator().manual_seed(solver.seed)
@@ -371,3 +373,122 @@ class SPPnet(Detector):
         size = (image.shape[0], image.shape[1])
         regress = variant != "no_bbox_reg"
         return svm_detections(fc7, pyramid, proposals, self.svms, cfg, size, timer, regress)
+
+    @classmethod
+    def fidelity(cls, cfg: SPPnetConfig) -> list[Setting]:
+        """SPPnet's settings beside ShaoqingRen/SPP_net's VOC07 recipe (its released code is for the
+        ZF-5 network; the paper's VGG16 settings that differ are named in the sources)."""
+        repo = SPP_NET_REPO
+        defs = "model-defs"
+        solver, net = (
+            f"{defs}/pascal_finetune_fc_spm_solver.prototxt",
+            f"{defs}/pascal_finetune_fc_spm_train.prototxt",
+        )
+        script, finetune = "experiments/Script_spp_voc.m", "finetuning/spp_finetune_voc.m"
+        train, test = "spp_train.m", "spp_test.m"
+        bbox = "experiments/spp_exp_bbox_reg_train_and_test_voc.m"
+        max_iter = (
+            f"{solver}:25 (the snapshot kept is the one of lowest validation loss, "
+            f"finetuning/spp_finetune_voc.m:152-164; SPPnetConfig records the paper's 250k + 50k)"
+        )
+        originals = {
+            "lr": (0.001, f"{solver}:15-16 (SPPnetConfig records the paper's 1e-4)"),
+            "lr_step": (30000, f"{solver}:15-21 (three 30k steps, then 1e-5 held)"),
+            "momentum": (0.9, f"{solver}:12"),
+            "weight_decay": (0.0005, f"{solver}:13"),
+            "iters": (200000, max_iter),
+            "paper_iters": (200000, max_iter),
+            "bias_lr_mult": (2.0, f"{net}:28-29,69-70,111-112"),
+        }
+        svm = cfg.svm
+        bias_decay = "fc6, fc7: yes; fc8: no"
+        rows = [
+            setting("sppnet", name, original, f"{repo} {source}", value)
+            for name, original, source, value in (
+                (
+                    "weight decay on biases",
+                    bias_decay,
+                    f"{net}:113-114 (fc8 only; Caffe's default 1 elsewhere)",
+                    "everywhere" if cfg.solver.bias_decay else "nowhere",
+                ),
+                (
+                    "pyramid levels (l x l bins)",
+                    (1, 2, 3, 6),
+                    f"{defs}/Zeiler_conv5.prototxt:248-342, {net}:3 (12800 = 256 x 50 inputs)",
+                    cfg.levels,
+                ),
+                (
+                    "conv layers trained in fine-tuning",
+                    "none",
+                    f"{script}:62-70 (conv5 cached once), {net}:1-10 (fc layers only)",
+                    "none",
+                ),
+                (
+                    "image scales (shorter side, px)",
+                    (480, 576, 688, 874, 1200),
+                    f"{script}:24; per region a random one in fine-tuning ({finetune}:46), the one "
+                    f"nearest 224 x 224 at test (spp_features_convX_to_poolX.m:36-42)",
+                    f"{cfg.scale} (longer at most {cfg.max_size})",
+                ),
+                (
+                    "regions per fine-tuning batch",
+                    128,
+                    f"{finetune}:48",
+                    cfg.images_per_batch * cfg.rois_per_image,
+                ),
+                (
+                    "images a fine-tuning batch's regions come from",
+                    "any (regions pooled over a shuffled run of images)",
+                    f"{finetune}:183-212",
+                    cfg.images_per_batch,
+                ),
+                ("foreground fraction", 0.25, f"{finetune}:51", cfg.fg_fraction),
+                ("foreground IoU", 0.5, f"{finetune}:52", cfg.fg_iou),
+                ("background IoU band", (0.1, 0.5), f"{finetune}:53", cfg.bg_iou),
+                ("fine-tuning flips", "append", f"{script}:27,68,89", "none"),
+                ("SVM features", "fc7", f"{script}:33", "fc7"),
+                ("SVM training flips", "none", f"{script}:34,77", "none"),
+                ("SVM C", 0.001, f"{train}:43", svm.c),
+                ("SVM bias multiplier", 10.0, f"{train}:44", svm.bias_scale),
+                ("SVM positive weight", 2.0, f"{train}:45", svm.pos_weight),
+                (
+                    "features scaled to mean norm",
+                    20.0,
+                    "spp_scale_features.m:11",
+                    cfg.feature_norm,
+                ),
+                ("SVM negatives' IoU, below", 0.3, f"{script}:49", cfg.svm_neg_iou),
+                ("hard negatives join above", -1.0001, f"{train}:450", svm.hard_thresh),
+                ("cached negatives leave below", -1.2, f"{train}:449", svm.evict_thresh),
+                ("SVM retrains after new negatives", 2000, f"{train}:448", svm.retrain_limit),
+                ("box-regression features", "pyramid (conv5)", f"{bbox}:39", "pyramid (conv5)"),
+                ("box-regression ridge lambda", 4000.0, f"{bbox}:40", cfg.bbox_lambda),
+                (
+                    "box-regression examples' IoU, above",
+                    0.5,
+                    f"{bbox}:38, bbox_regression/spp_train_bbox_regressor.m:90",
+                    cfg.bbox_min_iou,
+                ),
+                (
+                    "test score threshold (the original's starting one)",
+                    -1.5,
+                    f"{test}:75",
+                    cfg.score_thresh,
+                ),
+                (
+                    "candidates per class over the test set",
+                    "5 x images (the threshold rises to keep them)",
+                    f"{test}:72,119-141",
+                    "none",
+                ),
+                ("NMS IoU", 0.3, f"{test}:103", cfg.nms_iou),
+                (
+                    "detections per class and image, after NMS",
+                    100,
+                    f"{test}:73,106-107",
+                    cfg.max_per_class,
+                ),
+            )
+        ]
+        sources = {key: (value, f"{repo} {source}") for key, (value, source) in originals.items()}
+        return [*solver_rows("sppnet", cfg.solver, sources), *rows]

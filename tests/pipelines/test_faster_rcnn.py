@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,13 +10,14 @@ from torch import Tensor, nn
 from torch.testing import assert_close
 
 from datasets.voc import VOCDataset
-from pipelines.backbones import BackboneConfig, build_backbone
+from pipelines.backbones import BackboneConfig, build_backbone, trunk_convs
 from pipelines.boxes import box_iou
 from pipelines.detector import TrainData
 from pipelines.faster_rcnn import FasterRCNN, FasterRCNNConfig, build_rpn, propose
 from pipelines.timing import StageTimer
 from pipelines.training import SolverConfig
 from tests.conftest import build_context
+from tests.pipelines.helpers import sgd_steps
 
 # A 48 x 64 image has a 3 x 4 map at stride 16; two sizes x three ratios make six anchors a position.
 SMALL = FasterRCNNConfig(anchor_sizes=(32, 64), aspect_ratios=(0.5, 1.0, 2.0))
@@ -166,6 +168,38 @@ def test_fit_never_reads_shared_proposals_and_detect_makes_its_own(tiny_voc):
     with pytest.raises(ValueError, match="makes its own proposals"):
         det.detect(image, torch.zeros((3, 4)), StageTimer("cpu"))
     assert det.paper_schedule({"train": 3.0})["hours"] == pytest.approx(3.0 * 70000 / 3 / 3600)
+
+
+def test_frozen_convs_stay_put_and_biases_take_the_solver_multiplier(tiny_voc):
+    ds = VOCDataset(tiny_voc[0], "trainval")
+    data = TrainData([ds.load_image(i) for i in range(2)], ds.annotations[:2], _Untouchable(), 4)
+    solver = SolverConfig(iters=1, lr=0.01, bias_lr_mult=2.0, bias_decay=False)
+    cfg = FasterRCNNConfig(scale=64, max_size=128, anchor_sizes=(16, 32, 64), solver=solver)
+    det = FasterRCNN(replace(cfg, frozen_convs=2), build_context(4))
+    convs = trunk_convs(det.net)
+    before = [c.weight.detach().clone() for c in convs]
+    with sgd_steps() as steps:
+        det.fit(data, StageTimer("cpu"))
+    assert [torch.equal(c.weight, b) for c, b in zip(convs, before, strict=True)] == [
+        k < 2 for k in range(len(convs))
+    ]
+    (groups,) = steps
+    assert {g["lr_mult"] for g in groups} == {1.0, 2.0}  # weights, biases
+    assert all((g["weight_decay"] == 0.0) == (g["lr_mult"] == 2.0) for g in groups)
+    trained = set().union(*(g["params"] for g in groups))
+    assert not any(id(p) in trained for c in convs[:2] for p in c.parameters())
+    with pytest.raises(ValueError, match="frozen_convs"):
+        FasterRCNN(replace(cfg, frozen_convs=len(convs) + 1), build_context(4))
+
+
+def test_fidelity_rows_follow_the_config():
+    rows = {r.name: r for r in FasterRCNN.fidelity(FasterRCNNConfig())}
+    assert rows["RPN top-N after NMS, test"].status == "match"
+    assert rows["leading conv layers frozen"].status == "deviation"  # 0 by default, 4 in VGG16's
+    changed = {r.name: r for r in FasterRCNN.fidelity(FasterRCNNConfig(rpn_post_nms_test=1000))}
+    assert changed["RPN top-N after NMS, test"].value == "1000"
+    assert changed["RPN top-N after NMS, test"].status == "deviation"
+    assert all("py-faster-rcnn@" in r.source for r in rows.values())
 
 
 def test_head_batch_from_no_proposals_is_the_ground_truth():

@@ -110,3 +110,13 @@ def test_detect_on_zero_proposals_and_on_proposals(tiny_voc, tmp_path):
     assert len(plain.boxes)
     for box in plain.boxes:  # without regression every detection is one of the proposals
         assert (proposals == box).all(dim=1).any()
+
+
+def test_fidelity_rows_follow_the_config():
+    rows = {r.name: r for r in SPPnet.fidelity(SPPnetConfig())}
+    assert rows["pyramid levels (l x l bins)"].status == "match"
+    assert rows["SVM C"].status == "match"
+    changed = {r.name: r for r in SPPnet.fidelity(SPPnetConfig(levels=(1, 2, 4)))}
+    assert changed["pyramid levels (l x l bins)"].value == "1, 2, 4"
+    assert changed["pyramid levels (l x l bins)"].status == "deviation"
+    assert all("SPP_net@" in r.source for r in rows.values())
