@@ -165,6 +165,7 @@ def test_rcnn_regions_against_a_batched_forward(benchmark, run_config):
     boxes = random_boxes(batch, (192, 256), gen)  # one chunk
     shape = (batch, 3, net.input_size, net.input_size)
 
+    @torch.no_grad()  # as ours runs
     def forward(x: torch.Tensor) -> torch.Tensor:
         return net(F.adaptive_max_pool2d(net.trunk(x), net.pool_size))
 

@@ -104,5 +104,6 @@ def test_interleaved_times_alternate_and_drop_the_warmup():
         return run
 
     times = interleaved_times({"a": measure("a", 0.0), "b": measure("b", 100.0)}, rounds=2)
-    assert calls == ["a", "b", "a", "b", "a", "b"]
-    assert times == {"a": [3.0, 5.0], "b": [104.0, 106.0]}
+    # The warm-up round in order, then the order reversed every round.
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert times == {"a": [4.0, 5.0], "b": [103.0, 106.0]}
