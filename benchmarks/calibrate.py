@@ -19,9 +19,11 @@ from benchmarks.results import read_results
 
 __all__ = ["FLOORS", "calibrate", "tolerances"]
 
-# The smallest tolerance of each kind: speedups relative, mAP absolute (what differs between two
-# machines of one kind when training is bit-reproducible on each).
-FLOORS = {"speedup_inference": 0.02, "speedup_train": 0.05, "map": 0.01}
+# The smallest tolerance of each kind: speedups relative, mAP absolute. They cover what one machine's
+# A/A runs cannot show: another machine of the same kind (CI's). The inference speedup's floor is
+# the widest tolerance that still catches a 10% slowdown of either pipeline (a candidate 10% slower
+# moves the ratio by 9.1%); mAP is bit-reproducible on one machine, 0.01 allows another CPU's kernels.
+FLOORS = {"speedup_inference": 0.07, "speedup_train": 0.05, "map": 0.01}
 FACTOR = 2.0
 METHOD = (
     "tolerance = max(floor, 2 x the largest deviation from the mean over {n} A/A runs), relative "
