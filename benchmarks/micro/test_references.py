@@ -47,9 +47,13 @@ BOX_ATOL = 1e-3  # pixels, on a 192x256 image
 TOLERANCE = 0.10  # the reference's time over ours, at most this far from 1
 
 
-def within(ours: list[float], reference: list[float]) -> float:
-    """The ratio of the two minima, after checking it is within TOLERANCE of 1."""
+def within(benchmark, ours: list[float], reference: list[float]) -> float:
+    """The ratio of the two minima, after checking it is within TOLERANCE of 1 when benchmarking is on
+    (`make microbench`); CI's single smoke pass (benchmarking off) checks the equivalence only, as a
+    time on a shared CI machine is not a figure."""
     ratio = min(reference) / min(ours)
+    if benchmark.disabled:
+        return ratio
     assert abs(ratio - 1) <= TOLERANCE, (
         f"reference / ours = {ratio:.3f} (minima {1e3 * min(reference):.2f} and "
         f"{1e3 * min(ours):.2f} ms; medians {1e3 * statistics.median(reference):.2f} and "
@@ -112,7 +116,7 @@ def test_fast_rcnn_against_torchvision_roi_heads(benchmark, fast_rcnn):
         },
         ROUNDS,
     )
-    ratio = within(times["ours"], times["reference"])
+    ratio = within(benchmark, times["ours"], times["reference"])
     record(benchmark, times["ours"], times["reference"], ratio)
 
 
@@ -151,7 +155,7 @@ def test_fast_rcnn_head_against_torchvision_roi_heads(benchmark, fast_rcnn):
         },
         ROUNDS,
     )
-    ratio = within(times["ours"], times["reference"])
+    ratio = within(benchmark, times["ours"], times["reference"])
     record(benchmark, times["ours"], times["reference"], ratio)
 
 
@@ -181,5 +185,5 @@ def test_rcnn_regions_against_a_batched_forward(benchmark, run_config):
         {"ours": region_seconds(det, image, boxes, ("conv", "fc")), "reference": reference_seconds},
         ROUNDS,
     )
-    ratio = within(times["ours"], times["reference"])
+    ratio = within(benchmark, times["ours"], times["reference"])
     record(benchmark, times["ours"], times["reference"], ratio)
