@@ -4,6 +4,13 @@ run-to-run noise, and write the baseline with tolerances derived from it.
 Each run is a fresh process, as CI's is. A metric's tolerance is twice the largest deviation from the
 mean seen over the N runs (relative for speedups, absolute for mAP), and never below a floor: a
 tolerance tighter than the noise fails builds at random, a looser one misses regressions.
+
+Absolute latency is not a baseline metric (it does not travel between machines), but two runs of one
+machine compare it (`rcnn-bench compare RUN RUN`), and a machine whose speed drifts between runs moves
+every pipeline's latency together. The runs measure that drift too: for every pair of runs, each
+pipeline's median per-image latency ratio; the largest departure from 1, doubled (never under
+compare's 5%), is the baseline's ``latency_min_effect``, the smallest latency change a run-to-run
+comparison on this machine should count.
 """
 
 from __future__ import annotations
@@ -14,10 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.compare import metric_kind, tracked_metrics, write_baseline
+from benchmarks.compare import (
+    MIN_EFFECT,
+    load_side,
+    metric_kind,
+    paired_latency_ratio,
+    tracked_metrics,
+    write_baseline,
+)
 from benchmarks.results import read_results
 
-__all__ = ["FLOORS", "calibrate", "tolerances"]
+__all__ = ["FLOORS", "calibrate", "latency_drift", "tolerances"]
 
 # The smallest tolerance of each kind: speedups relative, mAP absolute. They cover what one machine's
 # A/A runs cannot show: another machine of the same kind (CI's). The inference speedup's floor is
@@ -55,6 +69,24 @@ def tolerances(runs: list[dict]) -> tuple[dict[str, float], dict[str, dict]]:
     return tols, spread
 
 
+def latency_drift(latencies: list[dict[str, dict[str, float]]]) -> dict[str, float]:
+    """Each pipeline's largest |median per-image latency ratio - 1| over every pair of runs.
+
+    Args:
+        latencies: per run, {pipeline: {image id: ms}} (compare.Side.latency).
+    """
+    drift: dict[str, float] = {}
+    for name in latencies[0]:
+        worst = 0.0
+        for i, a in enumerate(latencies):
+            for b in latencies[i + 1 :]:
+                ratio = paired_latency_ratio(a[name], b[name])
+                if ratio is not None:
+                    worst = max(worst, abs(ratio - 1), abs(1 / ratio - 1))
+        drift[name] = worst
+    return drift
+
+
 def calibrate(config: str, runs: int, out: str | Path, overrides: list[str], reports: Path) -> dict:
     """Run ``config`` ``runs`` times in fresh processes and write the baseline ``out``.
 
@@ -78,5 +110,10 @@ def calibrate(config: str, runs: int, out: str | Path, overrides: list[str], rep
         f"{runs} A/A runs of {config} on {results[-1]['env']['device_name']} "
         f"({results[-1]['env']['cpu_count']} CPUs, {results[-1]['env']['threads']} threads)"
     )
-    baseline = write_baseline(folders, out, note=note, tolerances=tols, method=method)
+    drift = latency_drift([load_side(f).latency for f in folders])
+    extra = {
+        "latency_drift": drift,
+        "latency_min_effect": max(MIN_EFFECT, FACTOR * max(drift.values(), default=0.0)),
+    }
+    baseline = write_baseline(folders, out, note=note, tolerances=tols, method=method, extra=extra)
     return {"baseline": baseline, "spread": spread}

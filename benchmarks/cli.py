@@ -95,7 +95,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         return 0
     if len(args.b) != 1:
         raise ValueError("compare takes one A and one B (several runs are for --write-baseline)")
-    return compare(args.a, args.b[0], markdown=args.markdown)
+    return compare(args.a, args.b[0], markdown=args.markdown, min_effect=args.min_effect)
 
 
 def _cmd_fidelity(args: argparse.Namespace) -> int:
@@ -121,7 +121,15 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             f"{name:<36} {s['mean']:>8.3f} {s['min']:>8.3f} {s['max']:>8.3f} "
             f"{s['deviation']:>9.4f} {tol:>9.4f}"
         )
-    print(f"wrote baseline {args.out}")
+    drift = out["baseline"]["latency_drift"]
+    print(
+        "latency drift between the runs (largest paired median ratio - 1): "
+        + ", ".join(f"{name} {d:.1%}" for name, d in drift.items())
+    )
+    print(
+        f"wrote baseline {args.out}; compare two runs of this machine with --min-effect "
+        f"{out['baseline']['latency_min_effect']:.2f}"
+    )
     return 0
 
 
@@ -159,6 +167,13 @@ def _compare_parsers(sub) -> None:
     c.add_argument("a", help="A: a run folder, a results.json or a baseline JSON")
     c.add_argument("b", nargs="+", help="B: a run folder or a results.json")
     c.add_argument("--markdown", action="store_true", help="a Markdown table (pull requests)")
+    c.add_argument(
+        "--min-effect",
+        type=float,
+        default=0.05,
+        help="two runs of one machine: the smallest latency change that counts (default 0.05; "
+        "use the latency_min_effect that `rcnn-bench calibrate` writes for this machine)",
+    )
     c.add_argument(
         "--write-baseline",
         action="store_true",

@@ -11,8 +11,10 @@ Either side is a run folder, a results.json or a baseline file (benchmarks/basel
   machine, so the tolerance only covers what differs between machines.
 - Two runs on the same machine (same CPU or GPU name, CPU count and thread count) also compare each
   pipeline's own latency image by image, asv-style: "worse" needs both a Wilcoxon signed-rank test on
-  the paired per-image log ratios (p < alpha) and a median slowdown of at least ``min_effect``. When
-  the runs timed different images the test falls back to an unpaired Mann-Whitney U test, and says so.
+  the paired per-image log ratios (p < alpha) and a median slowdown of at least ``min_effect`` (5%,
+  or ``--min-effect``: a machine whose speed drifts between runs needs the larger one that
+  `rcnn-bench calibrate` measures and records as the baseline's ``latency_min_effect``). When the
+  runs timed different images the test falls back to an unpaired Mann-Whitney U test, and says so.
   Latency against a committed baseline (another machine) is not gated: absolute times do not travel.
 """
 
@@ -36,6 +38,7 @@ __all__ = [
     "format_rows",
     "load_side",
     "metric_kind",
+    "paired_latency_ratio",
     "tracked_metrics",
     "write_baseline",
 ]
@@ -169,8 +172,10 @@ def _verdict_ratio(metric: str, ref: float, value: float, tol: float) -> tuple[s
     return ("better" if value > ref + tol else "same"), ""
 
 
-def check(a: Side, b: Side) -> list[dict]:
-    """One row per metric of ``a``: its reference value, ``b``'s, the ratio and the verdict."""
+def check(a: Side, b: Side, min_effect: float = MIN_EFFECT) -> list[dict]:
+    """One row per metric of ``a``: its reference value, ``b``'s, the ratio and the verdict; for two
+    runs of one machine, each pipeline's latency too (``min_effect``: the smallest change that
+    counts)."""
     rows = []
     for name, ref in a.metrics.items():
         tol = ref.get("tolerance", DEFAULT_TOLERANCES[metric_kind(name)])
@@ -181,28 +186,42 @@ def check(a: Side, b: Side) -> list[dict]:
         verdict, why = _verdict_ratio(name, ref["value"], m["value"], tol)
         rows.append(_row(name, ref["value"], m["value"], m["ci95"], tol, verdict, why))
     if a.kind == b.kind == "run" and a.machine == b.machine:
-        rows += [_latency_row(n, a.latency[n], b.latency[n]) for n in a.latency if n in b.latency]
+        rows += [
+            _latency_row(n, a.latency[n], b.latency[n], min_effect)
+            for n in a.latency
+            if n in b.latency
+        ]
     return rows
 
 
-def _latency_row(name: str, a: dict[str, float], b: dict[str, float]) -> dict:
-    """One pipeline's latency in B against A, paired by image where both timed the same images."""
+def paired_latency_ratio(a: dict[str, float], b: dict[str, float]) -> float | None:
+    """Median over images of B's time over A's, when both timed the same images (None otherwise)."""
     common = [k for k in a if k in b]
     if len(common) == len(a) == len(b) and len(common) >= 5:
-        ratios = np.array([b[k] / a[k] for k in common])
+        return float(np.median([b[k] / a[k] for k in common]))
+    return None
+
+
+def _latency_row(
+    name: str, a: dict[str, float], b: dict[str, float], min_effect: float = MIN_EFFECT
+) -> dict:
+    """One pipeline's latency in B against A, paired by image where both timed the same images."""
+    paired = paired_latency_ratio(a, b)
+    if paired is not None:
+        ratios = np.array([b[k] / a[k] for k in a])
         p = float(sps.wilcoxon(np.log(ratios)).pvalue) if np.any(ratios != 1) else 1.0
-        effect, test = float(np.median(ratios)), "paired Wilcoxon"
+        effect, test = paired, "paired Wilcoxon"
     else:
         x, y = np.array(list(a.values())), np.array(list(b.values()))
         p = float(sps.mannwhitneyu(y, x).pvalue)
         effect, test = float(np.median(y) / np.median(x)), "unpaired Mann-Whitney (images differ)"
     verdict = "same"
-    if p < ALPHA and abs(effect - 1) >= MIN_EFFECT:
+    if p < ALPHA and abs(effect - 1) >= min_effect:
         verdict = "worse" if effect > 1 else "better"
     why = f"{test}, p={p:.2g}, median ratio {effect:.3f}"
     ref = float(np.median(list(a.values())))
     value = float(np.median(list(b.values())))
-    return _row(f"latency_ms[{name}]", ref, value, None, MIN_EFFECT, verdict, why)
+    return _row(f"latency_ms[{name}]", ref, value, None, min_effect, verdict, why)
 
 
 def _row(metric, ref, value, ci95, tol, verdict, why) -> dict:
@@ -254,8 +273,12 @@ def _num(v: float | None) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-def compare(a_path: str | Path, b_path: str | Path, markdown: bool = False) -> int:
+def compare(
+    a_path: str | Path, b_path: str | Path, markdown: bool = False, min_effect: float = MIN_EFFECT
+) -> int:
     """Print the comparison of B against A; 0 when nothing regressed, 1 otherwise."""
+    if not 0 < min_effect < 1:
+        raise ValueError(f"--min-effect must be between 0 and 1 (a share), got {min_effect}")
     a, b = load_side(a_path), load_side(b_path)
     if b.kind == "baseline":
         raise ResultsError(f"{b_path}: B must be a run (a run folder or a results.json)")
@@ -263,7 +286,7 @@ def compare(a_path: str | Path, b_path: str | Path, markdown: bool = False) -> i
         raise ResultsError(
             f"{b_path}: run of config {b.config!r}, but {a_path} is for config {a.config!r}"
         )
-    rows = check(a, b)
+    rows = check(a, b, min_effect)
     print(format_rows(rows, markdown))
     if a.kind == b.kind == "run" and a.machine != b.machine:
         print("note: the runs come from different machines: latency is not compared")
@@ -281,6 +304,7 @@ def write_baseline(
     note: str = "",
     tolerances: dict[str, float] | None = None,
     method: str = "",
+    extra: dict | None = None,
 ) -> dict:
     """Write (or refresh) a baseline from one or more runs of one config: each metric's value is the
     mean over the runs with its spread (min, max) beside it; its tolerance is ``tolerances[metric]``,
@@ -312,6 +336,7 @@ def write_baseline(
         "note": note or old.get("note", ""),
         "tolerance_method": method or old.get("tolerance_method", ""),
         "metrics": metrics,
+        **(extra or {}),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, data)

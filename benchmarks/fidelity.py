@@ -12,6 +12,14 @@ from pipelines.fidelity import FAST_RCNN_REPO, RCNN_REPO, Setting, setting
 __all__ = ["fidelity_rows", "fidelity_table"]
 
 
+def _backbone_value(cfg: RunConfig) -> str:
+    """The backbone and where its initial weights come from."""
+    b = cfg.backbone
+    if b.pretrain.iters:
+        return f"{b.name} (pre-trained on synthetic crops, {b.pretrain.iters} iterations)"
+    return f"{b.name} ({b.weights})"
+
+
 def _shared(cfg: RunConfig) -> list[Setting]:
     """The settings every pipeline shares: data, proposals, backbone."""
     p = cfg.proposals
@@ -21,7 +29,7 @@ def _shared(cfg: RunConfig) -> list[Setting]:
             "backbone",
             "vgg16 (imagenet)",
             "Fast R-CNN paper, Table 4",
-            f"{cfg.backbone.name} ({cfg.backbone.weights})",
+            _backbone_value(cfg),
         ),
         setting(
             "shared",

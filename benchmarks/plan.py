@@ -10,6 +10,7 @@ It knows the pipelines only through the registry and the Detector interface.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -23,6 +24,7 @@ from benchmarks.data import Splits, load_splits
 from benchmarks.env import seeded
 from benchmarks.memory import PeakMemory, rss_bytes
 from benchmarks.preflight import check_disk, check_output, check_splits
+from benchmarks.pretrain import is_cached, pretrain
 from benchmarks.run import setup
 from pipelines import registry
 from pipelines.backbones import Backbone, build_backbone, clone
@@ -34,6 +36,7 @@ __all__ = ["PROBE_IMAGES", "PROBE_ITERS", "Plan", "Probe", "dry_run", "memory_pl
 
 PROBE_IMAGES = 2  # training images the probe trains and detects on
 PROBE_ITERS = 2  # SGD iterations of each iteration stage in the probe
+PROBE_PRETRAIN_IMAGES = 20  # images whose crops the pre-training probe draws
 
 
 @dataclass
@@ -104,6 +107,8 @@ def dry_run(cfg: RunConfig) -> Plan:
     memory = memory_plan(cfg, splits, backbone, probe, device, base_rss)
     check_memory(memory)
     stages = stage_estimates(cfg, splits, counts, probe)
+    if cfg.backbone.pretrain.iters:
+        stages["backbone"] = {"pre-training": pretrain_estimate(cfg, device)}
     load = (os.getloadavg()[0], os.cpu_count() or 1)
     plan = Plan(str(device), counts, disk, memory, stages, probe.images, load)
     print(format_plan(plan, cfg))
@@ -264,6 +269,20 @@ def check_memory(memory: dict[str, dict | None]) -> None:
             f"{_size(parts['available'])} is available; the most is {biggest} "
             f"({_size(items[biggest])}): lower {knob}"
         )
+
+
+def pretrain_estimate(cfg: RunConfig, device: torch.device) -> float:
+    """Seconds the backbone's pre-training will take: 0 when its weights are cached; else scaled from
+    a probe of PROBE_ITERS iterations on crops of PROBE_PRETRAIN_IMAGES images (the crops by the
+    images, the iterations by the iterations)."""
+    p = cfg.backbone.pretrain
+    if is_cached(cfg.backbone, Path(cfg.cache_dir), device):
+        return 0.0
+    small = dataclasses.replace(p, iters=PROBE_ITERS, images=PROBE_PRETRAIN_IMAGES)
+    probe_cfg = dataclasses.replace(cfg.backbone, pretrain=small)
+    record = pretrain(build_backbone(probe_cfg), probe_cfg, device)
+    crops_s = record["crops_seconds"] * p.images / PROBE_PRETRAIN_IMAGES
+    return crops_s + (record["seconds"] - record["crops_seconds"]) * p.iters / PROBE_ITERS
 
 
 def stage_estimates(

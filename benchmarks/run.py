@@ -15,6 +15,7 @@ report, and the others return.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import os
@@ -38,7 +39,13 @@ from benchmarks.data import (
     log,
     shared_proposals,
 )
-from benchmarks.env import environment, machine_load, make_reproducible, resolve_device, seeded
+from benchmarks.env import (
+    environment,
+    machine_load,
+    make_reproducible,
+    resolve_device,
+    seeded,
+)
 from benchmarks.evaluation import VOCEvaluator
 from benchmarks.fidelity import fidelity_rows
 from benchmarks.inference import (
@@ -51,6 +58,7 @@ from benchmarks.inference import (
 )
 from benchmarks.memory import PeakMemory
 from benchmarks.preflight import check_disk, check_output, check_splits, clean_leftovers
+from benchmarks.pretrain import initial_backbone
 from benchmarks.report import render
 from benchmarks.results import SCHEMA_VERSION, append_history, validate, write_json
 from benchmarks.roofline import machine_peaks, stage_efficiency, with_reference
@@ -70,6 +78,7 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path | None:
     """One benchmark run. Returns the run folder (results.json inside); None on a process other
     than rank 0 under torchrun."""
     started = time.perf_counter()
+    lap = Laps()
     device = setup(cfg)
     tf32_convs = device.type == "cuda" and torch.backends.cudnn.allow_tf32
     peaks = with_reference(machine_peaks(device), cfg.bench.precision, tf32_convs)
@@ -86,35 +95,76 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path | None:
     classes = [registry.get(name) for name in cfg.pipelines]
     backbone = build_backbone(cfg.backbone)
     check_disk(cfg, splits, classes, backbone)
+    lap("setup and data")
     proposals = None
     if not all(cls.owns_proposals for cls in classes):
         proposals = distributed.main_first(lambda: shared_proposals(cfg, splits))
+    lap("proposals")
+    backbone, pretraining = initial_backbone(cfg.backbone, Path(cfg.cache_dir), device)
+    if pretraining:
+        log(pretrain_line(pretraining))
+    lap("pre-training")
     detectors = build_pipelines(cfg, backbone, splits.train.num_classes, device)
     train = load_train_set(splits, proposals, cfg.data.train_difficult)
     training = train_pipelines(detectors, train, device, cfg.seed)
+    lap("training")
     prepare_test(detectors, cfg.bench.channels_last)
     test = load_test_set(splits, proposals, device)
     load_before = machine_load()
     main = time_pass(detectors, test, _boxes_for(detectors, test), plan, device)
+    lap("test pass")
     variants = time_variants(detectors, test, plan, device)
+    lap("variant passes")
     sweep = proposal_sweep(detectors, test, plan, cfg.bench, device)
+    lap("proposal sweep")
     if not distributed.is_main():
         return None
     costs = {n: _costs(detectors[n], test, plan, device) for n in progress(detectors, "FLOPs")}
+    lap("FLOPs and memory")
     records = pipeline_records(detectors, training, main, variants, costs, splits, proposals)
     add_efficiency(records, costs, peaks)
     speedups = compute_speedups(records, cfg)
     results = assemble(cfg, config_path, device, splits, proposals, plan, backbone, records)
     results["env"]["peaks"] = peaks
+    results["backbone"]["pretrain"] = pretraining
     results["fidelity"] = [row.as_dict() for row in fidelity_rows(cfg)]
     results.update(speedup=speedups, sweep=sweep, examples=examples(cfg, splits, main))
     results["timing"]["load"] = hygiene(load_before, machine_load(), cfg.bench.busy_share)
+    lap("evaluation")
+    results["phases_s"] = lap.seconds  # the report's own rendering comes after: not in wall_s
     results["wall_s"] = time.perf_counter() - started
     run_dir = write_run_folder(results, cfg)
     render([run_dir], run_dir)
     print(tables.summary(results))
-    log(f"wrote {run_dir / 'results.json'} ({results['wall_s']:.0f} s)")
+    spent = ", ".join(f"{name} {s:.0f}" for name, s in lap.seconds.items() if s >= 0.5)
+    log(
+        f"wrote {run_dir / 'results.json'} ({results['wall_s']:.0f} s: {spent}; report "
+        f"{time.perf_counter() - started - results['wall_s']:.0f})"
+    )
     return run_dir
+
+
+class Laps:
+    """Wall seconds of a run's phases, each counted from the end of the one before."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
+
+
+def pretrain_line(record: dict) -> str:
+    """The console's line about the shared pre-trained weights."""
+    how = "read from the cache" if record["cached"] else "trained"
+    return (
+        f"backbone pre-training (the stand-in for ImageNet): {how}, {record['file']} "
+        f"({record['iters']} iterations, {record['seconds']:.0f} s when trained, held-out accuracy "
+        f"{record['held_out_accuracy']:.3f})"
+    )
 
 
 def setup(cfg: RunConfig) -> torch.device:
@@ -219,17 +269,29 @@ def _boxes_for(detectors: dict[str, Detector], test: TestSet):
 
 
 def time_variants(
-    detectors: dict[str, Detector], test: TestSet, plan: TimingPlan, device: torch.device
+    detectors: dict[str, Detector],
+    test: TestSet,
+    plan: TimingPlan,
+    device: torch.device,
 ) -> dict[str, dict[str, PassResult]]:
     """Each pipeline's enabled test-time variants, each in a pass of its own over the same images as
-    the main pass (the same warm-up, the same timed images in the same order)."""
+    the main pass (the same warm-up, the same timed images in the same order). Without the main
+    pass's untimed run of each timed image (``bench.warm_each_image``): that pass has met every
+    image's input sizes already, with the same trunk."""
+    unwarmed = dataclasses.replace(plan, warm_each=False)
     out: dict[str, dict[str, PassResult]] = {}
     for name, det in detectors.items():
         out[name] = {}
         for variant in det.enabled_variants():
             one = {name: det}
             result = time_pass(
-                one, test, _boxes_for(one, test), plan, device, variant=variant, desc=variant
+                one,
+                test,
+                _boxes_for(one, test),
+                unwarmed,
+                device,
+                variant=variant,
+                desc=variant,
             )
             out[name][variant] = result[name]
     return out
@@ -305,7 +367,10 @@ def pipeline_records(
             "map": {**_map_record(evaluation), "coco": _coco(classes, anns, timing)},
             "pr": evaluation["pr"],
             "variants": _variant_records(
-                variants[name], cost["variants"], training[name]["variant_stages_s"], splits
+                variants[name],
+                cost["variants"],
+                training[name]["variant_stages_s"],
+                splits,
             ),
             "params": cost["params"],
             "model_bytes": cost["bytes"],
@@ -422,7 +487,10 @@ def assemble(
             "alternating": True,
             "batch_size": 1,
         },
-        "backbone": {"name": cfg.backbone.name, "init_weights_sha1": weights_sha1(backbone)},
+        "backbone": {
+            "name": cfg.backbone.name,
+            "init_weights_sha1": weights_sha1(backbone),
+        },
         "baseline": cfg.bench.baseline,
         "pipelines": records,
     }

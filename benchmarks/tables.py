@@ -373,4 +373,7 @@ def console(df: pd.DataFrame) -> str:
 
 def summary(results: dict) -> str:
     """What `rcnn-bench run` prints at the end: the pipeline table and the speedups."""
-    return console(pipeline_table(results)) + "\n\n" + console(speedup_table(results))
+    speedups = speedup_table(results)
+    if speedups.empty:  # one pipeline: nothing to compare it with
+        return console(pipeline_table(results))
+    return console(pipeline_table(results)) + "\n\n" + console(speedups)

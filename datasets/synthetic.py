@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from datasets.voc import Annotation, write_annotation
 
-__all__ = ["SYNTHETIC_CLASSES", "SyntheticConfig", "generate"]
+__all__ = ["SYNTHETIC_CLASSES", "SyntheticConfig", "draw_images", "generate"]
 
 SYNTHETIC_CLASSES = ("disc", "square", "triangle", "cross")
 
@@ -80,7 +80,12 @@ def _shape_mask(rng: np.random.Generator, label: int, bw: int, bh: int) -> np.nd
 
 
 def _cast_shadow(
-    image: np.ndarray, mask: np.ndarray, x1: int, y1: int, rng: np.random.Generator, strength: float
+    image: np.ndarray,
+    mask: np.ndarray,
+    x1: int,
+    y1: int,
+    rng: np.random.Generator,
+    strength: float,
 ) -> None:
     """Darken the object's silhouette shifted down and to the right (a light from the upper left).
 
@@ -162,6 +167,15 @@ def _draw_image(
         labels=np.asarray(labels, np.int64),
         difficult=difficult.astype(bool),
     )
+
+
+def draw_images(
+    count: int, seed: int | list[int], cfg: SyntheticConfig
+) -> list[tuple[np.ndarray, Annotation]]:
+    """``count`` images drawn as ``generate`` draws a split, from ``seed`` alone, kept in memory: the
+    pixels (uint8 (H, W, 3), RGB) and the annotation of each (image ids "pretrain_00000", ...)."""
+    rng = np.random.default_rng(seed)
+    return [_draw_image(rng, f"pretrain_{i:05d}", cfg) for i in range(count)]
 
 
 def generate(out: str | Path, cfg: SyntheticConfig) -> dict[str, list[Annotation]]:

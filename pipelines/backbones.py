@@ -13,7 +13,7 @@ load unchanged.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ __all__ = [
     "IMAGENET_STD",
     "Backbone",
     "BackboneConfig",
+    "PretrainConfig",
     "build_backbone",
     "layer_multipliers",
     "truncate",
@@ -40,6 +41,26 @@ FEATURE_LAYERS = ("pool5", "fc6", "fc7")
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    """Classification pre-training of a randomly initialised backbone, the stand-in for the ImageNet
+    pre-training every original started from (benchmarks/pretrain.py). The weights are trained once,
+    cached and shared by every pipeline; like the papers' training hours, no pipeline's training time
+    includes them."""
+
+    iters: int = 0  # SGD iterations (0: no pre-training, the seeded random weights)
+    images: int = 1000  # synthetic images, drawn from their own seed, whose objects are the crops
+    batch_size: int = 64  # crops per iteration
+    lr: float = 0.01  # momentum 0.9 and weight decay 5e-4, as every solver here
+    seed: int = 0  # draws the images, the crops' jitter and the mini-batches
+
+    def __post_init__(self):
+        if self.iters < 0 or self.images < 10 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(
+                "backbone.pretrain: iters must be >= 0, images >= 10, batch_size >= 1 and lr > 0"
+            )
+
+
+@dataclass(frozen=True)
 class BackboneConfig:
     """Which network, and where its initial weights come from."""
 
@@ -48,12 +69,24 @@ class BackboneConfig:
         "none"  # "none" (seeded random init), "imagenet" (torchvision's API), or a .pt path
     )
     seed: int = 0  # seed of the random initialisation
-    tiny_channels: tuple[int, ...] = (16, 32, 64, 128)  # "tiny" only: channels of its 4 stages
+    tiny_channels: tuple[int, ...] = (
+        16,
+        32,
+        64,
+        128,
+    )  # "tiny" only: channels of its 4 stages
     tiny_fc: int = 256  # "tiny" only: width of fc6 and fc7
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def __post_init__(self):
         if self.name not in _BUILDERS:
             raise ValueError(f"backbone.name must be one of {sorted(_BUILDERS)}, got {self.name!r}")
+        if self.pretrain.iters and self.weights != "none":
+            raise ValueError(
+                f"backbone.pretrain.iters: pre-training starts from random weights, but "
+                f"backbone.weights is {self.weights!r}; set backbone.weights: none or "
+                f"backbone.pretrain.iters: 0"
+            )
 
 
 class Backbone(nn.Module):
@@ -71,7 +104,12 @@ class Backbone(nn.Module):
     """
 
     def __init__(
-        self, trunk: nn.Module, head: nn.Sequential, pool_size: int, input_size: int, channels: int
+        self,
+        trunk: nn.Module,
+        head: nn.Sequential,
+        pool_size: int,
+        input_size: int,
+        channels: int,
     ):
         super().__init__()
         self.trunk = trunk
@@ -128,7 +166,11 @@ def truncate(backbone: Backbone, layer: str) -> Backbone:
         raise ValueError(f"a network is cut after one of {FEATURE_LAYERS}, got {layer!r}")
     head = list(backbone.head)
     linear = [i for i, m in enumerate(head) if isinstance(m, nn.Linear)]
-    ends = {"pool5": 0, "fc6": linear[0] + 2, "fc7": len(head)}  # fc6's ReLU follows fc6
+    ends = {
+        "pool5": 0,
+        "fc6": linear[0] + 2,
+        "fc7": len(head),
+    }  # fc6's ReLU follows fc6
     cut = nn.Sequential(*head[: ends[layer]])
     return Backbone(backbone.trunk, cut, backbone.pool_size, backbone.input_size, backbone.channels)
 
@@ -137,7 +179,11 @@ def _tiny(cfg: BackboneConfig) -> Backbone:
     layers: list[nn.Module] = []
     in_ch = 3
     for ch in cfg.tiny_channels:
-        layers += [nn.Conv2d(in_ch, ch, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        layers += [
+            nn.Conv2d(in_ch, ch, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        ]
         in_ch = ch
     layers += [nn.Conv2d(in_ch, in_ch, 3, padding=1), nn.ReLU(inplace=True)]
     trunk = nn.Sequential(*layers)

@@ -15,11 +15,13 @@ new Linear(C*L, E), weights kaiming-normal from a generator seeded with ``fc6_se
 original's fc6 was trained on ImageNet on top of the pyramid; no such weights exist here). Everything
 after fc6 (its ReLU, fc7, dropout) is the shared head's.
 
-Training stages: "pretrain" (only with ``pretrain_iters`` > 0) stands in for the ImageNet pre-training
-the original's conv layers had, for a shared backbone that starts from random weights (the CPU default):
-the fine-tuning loss below with the trunk trained too, conv maps computed afresh; its time is recorded
-but left out of the paper-schedule hours, as the paper leaves out ImageNet. Random conv features are
-nearly useless frozen: without it SPPnet scores about 0.01 mAP on the default data. "conv" then runs the
+Training stages: "pretrain" (only with ``pretrain_iters`` > 0) is a pre-training of the conv layers on
+this pipeline's own detection loss (the loss below with the trunk trained too, conv maps computed
+afresh); its time is recorded but left out of the paper-schedule hours. It was the CPU default's
+stand-in for ImageNet before the harness pre-trained the shared backbone for every pipeline
+(``backbone.pretrain``, benchmarks/pretrain.py), and is kept for a backbone that starts from random
+weights: random conv features are nearly useless frozen (SPPnet then scores about 0.01 mAP on the
+default data). "conv" then runs the
 frozen trunk once over the training images and keeps the maps in memory (float16, like R-CNN's feature
 cache; about 2 MB per VGG16 image at 600 pixels): from here on the conv layers never change, which is
 SPPnet's speed and its limit. "finetune" trains fc6, fc7 and a K+1 softmax layer on
@@ -74,8 +76,8 @@ class SPPnetConfig:
     max_size: int = 1000  # longer side at most this
     levels: tuple[int, ...] = (1, 2, 3, 6)  # pyramid levels: l x l bins each
     fc6_seed: int = 0  # seeds the new fc6's initial weights
-    # Iterations of conv pre-training on the training split before the trunk is frozen: a stand-in
-    # for ImageNet pre-training where the shared backbone starts from random weights (0: none).
+    # Iterations of conv pre-training on the training split before the trunk is frozen, for a shared
+    # backbone that starts from random weights (0: none; backbone.pretrain is the shared stand-in).
     pretrain_iters: int = 0
     # He et al. fine-tune 250k mini-batches at lr 1e-4, then 50k at 1e-5.
     solver: SolverConfig = field(

@@ -120,7 +120,8 @@ def test_bad_data_ends_in_one_line_naming_the_file(earlier, tmp_path, capsys, ca
 def _weights(tmp_path: Path) -> tuple[list[str], str]:
     bad = tmp_path / "w.pt"
     bad.write_bytes(b"not a torch file")
-    return [f"backbone.weights={bad}"], "w.pt: cannot read backbone weights"
+    overrides = [f"backbone.weights={bad}", "backbone.pretrain.iters=0"]
+    return overrides, "w.pt: cannot read backbone weights"
 
 
 def _output_is_a_file(tmp_path: Path) -> tuple[list[str], str]:

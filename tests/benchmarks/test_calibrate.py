@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.calibrate import tolerances
+from benchmarks.calibrate import latency_drift, tolerances
+from benchmarks.compare import _latency_row
 
 
 def _results(speedup: float, train: float, map_: float) -> dict:
@@ -34,3 +35,33 @@ def test_a_quiet_speedup_gets_the_floor():
     tols, _ = tolerances(runs)
     assert tols["speedup_inference[b/a]"] == 0.07  # 2 x 1% is under the 7% floor
     assert tols["speedup_train[b/a]"] == 0.05
+
+
+def test_latency_drift_by_hand():
+    ids = [f"i{k}" for k in range(5)]
+    run1 = {
+        "a": dict(zip(ids, [10, 20, 30, 40, 50], strict=True)),
+        "b": dict(zip(ids, [1, 1, 1, 1, 1], strict=True)),
+    }
+    # a: every image 10% slower but one (median ratio 1.1); b: medians 1.0 and 1.25.
+    run2 = {
+        "a": dict(zip(ids, [11, 22, 33, 44, 50], strict=True)),
+        "b": dict(zip(ids, [1, 1, 1, 1, 2], strict=True)),
+    }
+    run3 = {
+        "a": dict(zip(ids, [10, 20, 30, 40, 50], strict=True)),
+        "b": dict(zip(ids, [1.25] * 5, strict=True)),
+    }
+    drift = latency_drift([run1, run2, run3])
+    # a: pairs 1-2 ratio 1.1 and 2-3 ratio 1/1.1 (|1.1 - 1| = 0.1 either way), 1-3 ratio 1.
+    assert drift["a"] == pytest.approx(0.1)
+    # b: 1-2 median 1, 1-3 1.25, 2-3 median of (1.25, 1.25, 1.25, 1.25, 0.625) = 1.25 -> 0.25.
+    assert drift["b"] == pytest.approx(0.25)
+
+
+def test_min_effect_sets_the_smallest_latency_change_that_counts():
+    ids = [f"i{k}" for k in range(10)]
+    a = dict(zip(ids, [10.0 + k for k in range(10)], strict=True))
+    b = {k: v * 1.1 for k, v in a.items()}  # every image 10% slower: Wilcoxon p = 2/2^10
+    assert _latency_row("x", a, b)["verdict"] == "worse"  # 10% >= the default 5%
+    assert _latency_row("x", a, b, min_effect=0.2)["verdict"] == "same"  # 10% < 20%

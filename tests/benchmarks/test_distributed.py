@@ -174,8 +174,9 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert len((reports / "history.jsonl").read_text().splitlines()) == 1
     assert "Trained data-parallel on 2 processes" in (reports / "latest" / "report.md").read_text()
     assert one["proposals"]["sha1"] == two["proposals"]["sha1"]
-    # Training differs only in the order of the gradient sums: the weights in their last bits, so
-    # the detections agree to float rounding and the scores to the AP.
+    # Training differs only in the order of the gradient sums (the backbone's pre-training, itself
+    # data-parallel, and each pipeline's): the weights in their last bits, so the detections agree to
+    # float rounding (scores measured 6e-5 apart) and the scores to the AP.
     for name in ("rcnn", "fast_rcnn"):
         a, b = one["pipelines"][name], two["pipelines"][name]
         assert a["map"] == b["map"]
@@ -187,4 +188,4 @@ def test_torchrun_two_processes_match_one(tmp_path):
             db = eb["detections"][name]
             assert da["labels"] == db["labels"]
             np.testing.assert_allclose(da["boxes"], db["boxes"], atol=1e-3, rtol=0)
-            np.testing.assert_allclose(da["scores"], db["scores"], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(da["scores"], db["scores"], atol=2e-4, rtol=0)

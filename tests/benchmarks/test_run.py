@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from benchmarks.inference import TimingPlan, sweep_boxes, time_pass
 from benchmarks.results import ResultsError, read_results, validate
 from benchmarks.run import run, time_variants, weights_sha1
 from pipelines import proposals
-from pipelines.backbones import build_backbone
+from pipelines.backbones import PretrainConfig, build_backbone, load_weights
 from pipelines.detector import Detections, Detector
 from pipelines.registry import BuildContext
 
@@ -31,6 +32,7 @@ def tiny_overrides(tmp_path):
         f"cache_dir={tmp_path / 'cache'}",
         f"output_dir={tmp_path / 'reports'}",
         "proposal_workers=1",
+        "backbone.pretrain={iters: 2, images: 10, batch_size: 8}",  # the path, not the weights
         "proposals.resize_max_side=64",
         "proposals.max_proposals=30",
         "pipelines.rcnn.solver.iters=2",
@@ -55,7 +57,15 @@ def test_tiny_end_to_end_run_writes_valid_results(tmp_path):
     results = read_results(run_dir)
     assert (tmp_path / "reports" / "latest").resolve() == run_dir.resolve()
     assert results["dataset"]["train_images"] == 5 and results["timing"]["timed_images"] == 3
-    assert results["backbone"]["init_weights_sha1"] == weights_sha1(build_backbone(cfg.backbone))
+    # Every pipeline started from the pre-trained weights the run cached (the first run trains them).
+    pretrained = results["backbone"]["pretrain"]
+    assert pretrained["cached"] is False and pretrained["iters"] == 2
+    initial = build_backbone(dataclasses.replace(cfg.backbone, pretrain=PretrainConfig()))
+    load_weights(initial, pretrained["file"])
+    assert results["backbone"]["init_weights_sha1"] == weights_sha1(initial)
+    assert weights_sha1(initial) != weights_sha1(
+        build_backbone(cfg.backbone)
+    )  # not the random ones
     proposal_ms = 1000 * results["proposals"]["seconds_per_image"]
     for name in ("rcnn", "fast_rcnn"):
         rec = results["pipelines"][name]
@@ -232,6 +242,19 @@ def test_variants_are_timed_on_the_main_passes_images():
     assert len(passes["recorder"]["b"].samples_ms) == len(main["recorder"].samples_ms) == 3
     with pytest.raises(ValueError, match=r"pipelines.recorder.variants: 'c' is not a variant"):
         _Recorder(_RecorderConfig(variants=("c",)))
+
+
+def test_variant_passes_are_not_warmed_again():
+    """The main pass warms each timed image; the variant passes, after it, do not."""
+    test = SplitInMemory(
+        [torch.full((4, 4, 3), i, dtype=torch.uint8) for i in range(4)], [], [None] * 4
+    )
+    plan = TimingPlan(warmup=(0,), timed=(1, 2), repeats=1, warm_each=True)
+    det = _Recorder(_RecorderConfig(variants=("b",)))
+    time_pass({"recorder": det}, test, lambda name, i: None, plan, torch.device("cpu"))
+    time_variants({"recorder": det}, test, plan, torch.device("cpu"))
+    assert [i for v, i in det.seen if v is None] == [0, 0, 1, 1, 2, 2, 3]
+    assert [i for v, i in det.seen if v == "b"] == [0, 0, 1, 2, 3]
 
 
 def test_each_timed_image_is_warmed_once_and_its_first_time_dropped(monkeypatch):
