@@ -31,13 +31,16 @@ from benchmarks.compare import (
 )
 from benchmarks.results import read_results
 
-__all__ = ["FLOORS", "calibrate", "latency_drift", "tolerances"]
+__all__ = ["FLOORS", "baseline_from_runs", "calibrate", "latency_drift", "tolerances"]
 
 # The smallest tolerance of each kind: speedups relative, mAP absolute. They cover what one machine's
 # A/A runs cannot show: another machine of the same kind (CI's). The inference speedup's floor is
 # the widest tolerance that still catches a 10% slowdown of either pipeline (a candidate 10% slower
 # moves the ratio by 9.1%); mAP is bit-reproducible on one machine, 0.01 allows another CPU's kernels.
-FLOORS = {"speedup_inference": 0.07, "speedup_train": 0.05, "map": 0.01}
+# The training speedup's floor is 10%: the pipelines train one after another, minutes apart, so the
+# ratio takes the machine's drift between them, which five runs undersample (benchmarks/NOTES.md,
+# 2026-11-26: a 5-run calibration spread of 2.2% on SPPnet's, then a 5.3% move in the next runs).
+FLOORS = {"speedup_inference": 0.07, "speedup_train": 0.10, "map": 0.01}
 FACTOR = 2.0
 METHOD = (
     "tolerance = max(floor, 2 x the largest deviation from the mean over {n} A/A runs), relative "
@@ -103,8 +106,23 @@ def calibrate(config: str, runs: int, out: str | Path, overrides: list[str], rep
             cmd += ["--set", item]
         subprocess.run(cmd, check=True)
         folders.append((reports / "latest").resolve())
+    return baseline_from_runs(folders, out, config)
+
+
+def baseline_from_runs(folders: list[Path], out: str | Path, config: str) -> dict:
+    """Write the baseline ``out`` from A/A runs already made (run folders of one config): what
+    ``calibrate`` does after its runs, and what re-derives a baseline when the method changes.
+
+    Returns:
+        {"baseline": what was written, "spread": per metric}.
+    """
+    if len(folders) < 3:
+        raise ValueError(
+            f"a baseline needs at least 3 A/A runs to see the noise, got {len(folders)}"
+        )
     results = [read_results(f) for f in folders]
     tols, spread = tolerances(results)
+    runs = len(folders)
     method = METHOD.format(n=runs, floors=FLOORS)
     note = (
         f"{runs} A/A runs of {config} on {results[-1]['env']['device_name']} "

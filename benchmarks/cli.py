@@ -110,10 +110,13 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from benchmarks.calibrate import calibrate
+    from benchmarks.calibrate import baseline_from_runs, calibrate
 
     reports = Path(args.reports)
-    out = calibrate(args.config, args.runs, args.out, args.set, reports)
+    if args.from_runs:
+        out = baseline_from_runs([Path(f) for f in args.from_runs], args.out, args.config)
+    else:
+        out = calibrate(args.config, args.runs, args.out, args.set, reports)
     print(f"{'metric':<36} {'mean':>8} {'min':>8} {'max':>8} {'deviation':>9} {'tolerance':>9}")
     for name, s in out["spread"].items():
         tol = out["baseline"]["metrics"][name]["tolerance"]
@@ -136,7 +139,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     """--config and --set, as every command that reads a config takes them."""
     p.add_argument(
-        "--config", required=required, help=f"YAML config (default: {DEFAULT_CONFIG.name})"
+        "--config",
+        required=required,
+        help=f"YAML config (default: {DEFAULT_CONFIG.name})",
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
 
@@ -155,14 +160,19 @@ def _data_parsers(sub) -> None:
     conv.add_argument("src", help="the VOC folder (--to coco) or the COCO images folder (--to voc)")
     conv.add_argument("out", help="where to write")
     conv.add_argument(
-        "--ann", action="append", default=[], metavar="SPLIT=FILE", help="--to voc: a split's json"
+        "--ann",
+        action="append",
+        default=[],
+        metavar="SPLIT=FILE",
+        help="--to voc: a split's json",
     )
     conv.set_defaults(func=_cmd_convert)
 
 
 def _compare_parsers(sub) -> None:
     c = sub.add_parser(
-        "compare", help="compare run B against run or baseline A; non-zero on a regression"
+        "compare",
+        help="compare run B against run or baseline A; non-zero on a regression",
     )
     c.add_argument("a", help="A: a run folder, a results.json or a baseline JSON")
     c.add_argument("b", nargs="+", help="B: a run folder or a results.json")
@@ -181,12 +191,19 @@ def _compare_parsers(sub) -> None:
     )
     c.set_defaults(func=_cmd_compare)
     cal = sub.add_parser(
-        "calibrate", help="run a config N times, write its baseline with measured tolerances"
+        "calibrate",
+        help="run a config N times, write its baseline with measured tolerances",
     )
     _config_args(cal, required=True)
     cal.add_argument("--runs", type=int, default=5)
     cal.add_argument("--out", required=True, help="the baseline JSON to write")
     cal.add_argument("--reports", default="build/calibration", help="where the runs go")
+    cal.add_argument(
+        "--from-runs",
+        nargs="+",
+        metavar="RUN",
+        help="no new runs: derive the baseline from these A/A run folders of the config",
+    )
     cal.set_defaults(func=_cmd_calibrate)
 
 
@@ -212,7 +229,9 @@ def parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_cmd_proposals)
     rep = sub.add_parser("report", help="render report.html and report.md from run folders")
     rep.add_argument(
-        "runs", nargs="+", help="run folders; the last is the one reported, all feed the trend"
+        "runs",
+        nargs="+",
+        help="run folders; the last is the one reported, all feed the trend",
     )
     rep.add_argument("--out", help="where to write (default: the last run folder)")
     rep.set_defaults(func=_cmd_report)

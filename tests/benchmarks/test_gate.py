@@ -1,12 +1,16 @@
 """The regression gate proves itself: an injected 10% slowdown of one pipeline fails `compare`, and an
-A/A pair of runs passes it."""
+A/A pair of runs passes it; a baseline derived from runs holds the tolerances worked out by hand."""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
+from benchmarks.calibrate import baseline_from_runs
 from benchmarks.compare import compare
 from benchmarks.config import load_config
 from benchmarks.results import read_results
@@ -79,3 +83,43 @@ def test_an_a_a_pair_passes(runs, capsys):
     a, _, c = runs
     _skip_if_busy(a, c)
     assert compare(a, c) == 0, capsys.readouterr().out
+
+
+def test_a_baseline_from_runs_already_made(runs, tmp_path):
+    """`calibrate --from-runs`: tolerances and latency drift of existing runs, worked out here."""
+    folders = [Path(r) for r in runs]
+    out = tmp_path / "baseline.json"
+    written = baseline_from_runs(folders, out, "benchmarks/configs/ci.yaml")["baseline"]
+    results = [read_results(f) for f in folders]
+    for pair in results[0]["speedup"]:
+        values = [
+            (r["speedup"][pair]["inference"].get("paired") or {}).get("geomean")
+            or r["speedup"][pair]["inference"]["value"]
+            for r in results
+        ]
+        mean = sum(values) / len(values)
+        deviation = max(abs(v - mean) for v in values) / mean
+        metric = written["metrics"][f"speedup_inference[{pair}]"]
+        assert metric["tolerance"] == pytest.approx(max(0.07, 2 * deviation))
+        assert metric["value"] == pytest.approx(mean)
+    for name in results[0]["pipelines"]:
+        ms = [
+            dict(
+                zip(
+                    r["timing"]["image_ids"],
+                    r["pipelines"][name]["inference"]["samples_ms"],
+                    strict=True,
+                )
+            )
+            for r in results
+        ]
+        worst = 0.0
+        for i in range(len(ms)):
+            for j in range(i + 1, len(ms)):
+                median = float(np.median([ms[j][k] / ms[i][k] for k in ms[i]]))
+                worst = max(worst, abs(median - 1), abs(1 / median - 1))
+        assert written["latency_drift"][name] == pytest.approx(worst)
+    assert written["latency_min_effect"] == pytest.approx(
+        max(0.05, 2 * max(written["latency_drift"].values()))
+    )
+    assert json.loads(out.read_text())["metrics"] == written["metrics"]
