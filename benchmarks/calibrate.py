@@ -25,7 +25,7 @@ from benchmarks.compare import (
     MIN_EFFECT,
     load_side,
     metric_kind,
-    paired_latency_ratio,
+    paired_latency_ratios,
     tracked_metrics,
     write_baseline,
 )
@@ -83,8 +83,9 @@ def latency_drift(latencies: list[dict[str, dict[str, float]]]) -> dict[str, flo
         worst = 0.0
         for i, a in enumerate(latencies):
             for b in latencies[i + 1 :]:
-                ratio = paired_latency_ratio(a[name], b[name])
-                if ratio is not None:
+                ratios = paired_latency_ratios(a[name], b[name])
+                if ratios is not None:
+                    ratio = float(np.median(ratios))
                     worst = max(worst, abs(ratio - 1), abs(1 / ratio - 1))
         drift[name] = worst
     return drift

@@ -38,7 +38,7 @@ __all__ = [
     "format_rows",
     "load_side",
     "metric_kind",
-    "paired_latency_ratio",
+    "paired_latency_ratios",
     "tracked_metrics",
     "write_baseline",
 ]
@@ -194,11 +194,10 @@ def check(a: Side, b: Side, min_effect: float = MIN_EFFECT) -> list[dict]:
     return rows
 
 
-def paired_latency_ratio(a: dict[str, float], b: dict[str, float]) -> float | None:
-    """Median over images of B's time over A's, when both timed the same images (None otherwise)."""
-    common = [k for k in a if k in b]
-    if len(common) == len(a) == len(b) and len(common) >= 5:
-        return float(np.median([b[k] / a[k] for k in common]))
+def paired_latency_ratios(a: dict[str, float], b: dict[str, float]) -> np.ndarray | None:
+    """B's time over A's image by image, when both timed the same images (None otherwise)."""
+    if a.keys() == b.keys() and len(a) >= 5:
+        return np.array([b[k] / a[k] for k in a])
     return None
 
 
@@ -206,11 +205,10 @@ def _latency_row(
     name: str, a: dict[str, float], b: dict[str, float], min_effect: float = MIN_EFFECT
 ) -> dict:
     """One pipeline's latency in B against A, paired by image where both timed the same images."""
-    paired = paired_latency_ratio(a, b)
-    if paired is not None:
-        ratios = np.array([b[k] / a[k] for k in a])
+    ratios = paired_latency_ratios(a, b)
+    if ratios is not None:
         p = float(sps.wilcoxon(np.log(ratios)).pvalue) if np.any(ratios != 1) else 1.0
-        effect, test = paired, "paired Wilcoxon"
+        effect, test = float(np.median(ratios)), "paired Wilcoxon"
     else:
         x, y = np.array(list(a.values())), np.array(list(b.values()))
         p = float(sps.mannwhitneyu(y, x).pvalue)

@@ -89,7 +89,7 @@ def jittered(boxes: Tensor, rng: np.random.Generator) -> Tensor:
 
 
 def _logits(backbone: Backbone, classifier: nn.Linear, x: Tensor) -> Tensor:
-    return classifier(backbone(F.adaptive_max_pool2d(backbone.trunk(x), backbone.pool_size)))
+    return classifier(backbone(backbone.pool5(x)))
 
 
 def pretrain(backbone: Backbone, cfg: BackboneConfig, device: torch.device) -> dict:
@@ -126,15 +126,10 @@ def pretrain(backbone: Backbone, cfg: BackboneConfig, device: torch.device) -> d
     losses = run_sgd(params, solver, loss_fn, "backbone pre-training")
     backbone.eval()
     with torch.no_grad():
-        right = sum(
-            int(
-                (
-                    _logits(backbone, classifier, val_x[k : k + 256].to(device)).argmax(1).cpu()
-                    == val_y[k : k + 256]
-                ).sum()
-            )
-            for k in range(0, len(val_x), 256)
+        predicted = torch.cat(
+            [_logits(backbone, classifier, c.to(device)).argmax(1).cpu() for c in val_x.split(256)]
         )
+    right = int((predicted == val_y).sum())
     backbone.cpu()
     return {
         "iters": p.iters,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision import models
 
@@ -124,6 +125,11 @@ class Backbone(nn.Module):
     def forward(self, pool5: Tensor) -> Tensor:
         """fc7 of pooled features (the head's output): (N, C, P, P) -> (N, D)."""
         return self.head(pool5.flatten(1))
+
+    def pool5(self, regions: Tensor) -> Tensor:
+        """pool5 of whole inputs (R-CNN's warped regions): the trunk, then the last max pool to P x P.
+        (R, 3, S, S) -> (R, C, P, P)."""
+        return F.adaptive_max_pool2d(self.trunk(regions), self.pool_size)
 
 
 def trunk_convs(backbone: Backbone) -> list[nn.Conv2d]:

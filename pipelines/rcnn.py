@@ -686,10 +686,6 @@ class RCNN(Detector):
 
     # -- the network on warped regions -----------------------------------------------------------
 
-    def _pool5(self, net: Backbone, regions: Tensor) -> Tensor:
-        """(R, 3, S, S) -> (R, C, P, P): ``net``'s trunk, then the last max pool."""
-        return F.adaptive_max_pool2d(net.trunk(regions), net.pool_size)
-
     def _warp(self, image: Tensor, boxes: Tensor) -> Tensor:
         return warp_regions(image, boxes, self.net.input_size, self.cfg.context_pad)
 
@@ -704,7 +700,7 @@ class RCNN(Detector):
             with timer.stage("warp"):
                 regions = self._warp(image, chunk)
             with timer.stage("conv"):
-                p5 = self._pool5(net, regions)
+                p5 = net.pool5(regions)
             with timer.stage("fc"):
                 out.append(net(p5))
             pool5.append(p5.flatten(1))
@@ -810,7 +806,7 @@ class RCNN(Detector):
                 )
             if cfg.mirror:
                 regions = mirror_regions(regions, flips[mine])
-            logits = self.cls(self.net(self._pool5(self.net, regions)))
+            logits = self.cls(self.net(self.net.pool5(regions)))
             loss = F.cross_entropy(logits, labels[picked].to(self.device), reduction="sum")
             return loss / len(batch)
 
