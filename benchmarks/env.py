@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torchvision
 
+from benchmarks.memory import allocator_setting
+
 __all__ = ["cpu_model", "environment", "resolve_device"]
 
 
@@ -135,6 +137,7 @@ def environment(device: torch.device) -> dict:
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "allocator": allocator_setting(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "commit": commit,

@@ -1,8 +1,12 @@
-"""Peak memory of a block of work: CUDA's allocator peak, or sampled resident memory on the CPU."""
+"""Peak memory of a block of work: CUDA's allocator peak, or sampled resident memory on the CPU; and
+the C allocator's settings, which CPU times depend on."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
+import platform
 import sys
 import threading
 import time
@@ -12,9 +16,71 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["PeakMemory", "allocation_peak", "rss_bytes"]
+__all__ = [
+    "PeakMemory",
+    "allocation_peak",
+    "allocator_setting",
+    "pin_allocator",
+    "rss_bytes",
+    "trim_heap",
+]
 
 _PAGE = 4096
+
+# glibc's malloc by default adapts where it gets memory from to what the process freed before: a block
+# above its mmap threshold (128 KiB at first) is mapped on its own and unmapped when freed, the threshold
+# then rising to that block's size, and free memory at the heap's top goes back to the system past a
+# trim threshold that follows it. A CPU run's speed therefore depended on what the process had done
+# before: R-CNN's training on the CI config took 43 s in a run that read the pre-trained weights from
+# the cache and 31 s in one that had just pre-trained them (its blocks of warped regions were mapped,
+# faulted in page by page and unmapped again on each iteration), the test pass the same 15 s in both
+# (benchmarks/NOTES.md, 2026-11-26). Fixed thresholds, set once at start-up, make every run's
+# allocations take the same path whatever ran before; each measured block starts from a trimmed heap.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (glibc malloc.h)
+MMAP_THRESHOLD = 32 << 20  # glibc's own upper bound for the adaptive threshold (64-bit)
+TRIM_THRESHOLD = 1 << 30  # free heap top kept for reuse; trim_heap gives it back between blocks
+_pinned: str | None = None  # what pin_allocator did, once it has run
+
+
+@functools.cache
+def _libc():
+    """The process's C library when it is glibc (mallopt and malloc_trim are glibc's), else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    libc = ctypes.CDLL(None)
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def pin_allocator() -> str:
+    """Fix glibc malloc's mmap and trim thresholds for the rest of the process (see above); what
+    results.json records as ``env.allocator``."""
+    global _pinned
+    libc = _libc()
+    if libc is None:
+        _pinned = "system default (not glibc: thresholds left as they are)"
+    elif libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(
+        _M_TRIM_THRESHOLD, TRIM_THRESHOLD
+    ):
+        _pinned = (
+            f"glibc malloc, mmap threshold {MMAP_THRESHOLD >> 20} MiB and trim threshold "
+            f"{TRIM_THRESHOLD >> 20} MiB fixed; heap trimmed before each measured block"
+        )
+    else:
+        _pinned = "glibc malloc, adaptive (mallopt refused the fixed thresholds)"
+    return _pinned
+
+
+def allocator_setting() -> str:
+    """What pin_allocator did in this process, or that it has not run."""
+    return _pinned or "system default (not pinned)"
+
+
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc's malloc_trim; nothing elsewhere), so
+    that a block of work starts from the same allocator state whatever ran before it."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def rss_bytes() -> int:
@@ -29,7 +95,8 @@ class PeakMemory:
     """Context manager: ``peak_bytes`` is the most memory the block used above where it started.
 
     On CUDA this is torch.cuda.max_memory_allocated; on the CPU the process's resident set is sampled
-    every millisecond from /proc (``method`` says which).
+    every millisecond from /proc (``method`` says which), after the C heap's free memory has been given
+    back (trim_heap), so that neither the peak nor the block's speed depends on what ran before it.
     """
 
     def __init__(self, device: torch.device):
@@ -50,6 +117,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
+            trim_heap()
             self._start = self._peak = rss_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()

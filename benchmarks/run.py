@@ -56,7 +56,7 @@ from benchmarks.inference import (
     proposal_sweep,
     time_pass,
 )
-from benchmarks.memory import PeakMemory
+from benchmarks.memory import PeakMemory, pin_allocator
 from benchmarks.preflight import check_disk, check_output, check_splits, clean_leftovers
 from benchmarks.pretrain import initial_backbone
 from benchmarks.report import render
@@ -168,7 +168,8 @@ def pretrain_line(record: dict) -> str:
 
 
 def setup(cfg: RunConfig) -> torch.device:
-    """Thread count, device, seeds and deterministic kernels."""
+    """Thread count, the C allocator's thresholds, device, seeds and deterministic kernels."""
+    pin_allocator()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = distributed.init_from_env(resolve_device(cfg.device))
