@@ -37,10 +37,12 @@ __all__ = ["FLOORS", "baseline_from_runs", "calibrate", "latency_drift", "tolera
 # A/A runs cannot show: another machine of the same kind (CI's). The inference speedup's floor is
 # the widest tolerance that still catches a 10% slowdown of either pipeline (a candidate 10% slower
 # moves the ratio by 9.1%); mAP is bit-reproducible on one machine, 0.01 allows another CPU's kernels.
-# The training speedup's floor is 10%: the pipelines train one after another, minutes apart, so the
-# ratio takes the machine's drift between them, which five runs undersample (benchmarks/NOTES.md,
-# 2026-11-26: a 5-run calibration spread of 2.2% on SPPnet's, then a 5.3% move in the next runs).
-FLOORS = {"speedup_inference": 0.07, "speedup_train": 0.10, "map": 0.01}
+# The training speedup's floor is 15%. Its A/A noise on one machine is small (largest deviation 5.3% over
+# ten runs, the pipelines training minutes apart), but a committed baseline is checked on CI's machine,
+# and the one CI run there put SPPnet's training speedup 8% below this machine's in the same state (a
+# clean clone; its roi pooling and feature stages weigh differently there), where its inference
+# speedups came within 3.3%: 15% is the two together, rounded up (benchmarks/NOTES.md, 2026-11-26).
+FLOORS = {"speedup_inference": 0.07, "speedup_train": 0.15, "map": 0.01}
 FACTOR = 2.0
 METHOD = (
     "tolerance = max(floor, 2 x the largest deviation from the mean over {n} A/A runs), relative "

@@ -34,7 +34,7 @@ def test_a_quiet_speedup_gets_the_floor():
     runs = [_results(10.0, 2.0, 0.5), _results(10.1, 2.0, 0.5), _results(9.9, 2.0, 0.5)]
     tols, _ = tolerances(runs)
     assert tols["speedup_inference[b/a]"] == 0.07  # 2 x 1% is under the 7% floor
-    assert tols["speedup_train[b/a]"] == 0.10
+    assert tols["speedup_train[b/a]"] == 0.15  # its floor
 
 
 def test_latency_drift_by_hand():
