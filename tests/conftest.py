@@ -1,6 +1,9 @@
-"""Shared fixtures: a tiny synthetic VOC folder (generated once per session) and a tiny run config."""
+"""Shared fixtures: a tiny synthetic VOC folder (generated once per session) and a tiny run config;
+and what a test's child process needs to feel Ctrl-C."""
 
 from __future__ import annotations
+
+import signal
 
 import pytest
 import torch
@@ -17,6 +20,13 @@ TINY_DATA = SyntheticConfig(
     min_side=12,
     max_side_fraction=0.6,
 )
+
+
+def default_sigint() -> None:
+    """A ``preexec_fn`` for a child that a test interrupts: SIGINT back to its default action.
+    A shell starts background jobs with SIGINT ignored, the ignoring survives exec, and a Python
+    started that way never raises KeyboardInterrupt (so `make test &` failed the Ctrl-C tests)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(autouse=True)

@@ -19,6 +19,7 @@ from benchmarks.cli import main
 from benchmarks.config import load_config
 from benchmarks.run import run
 from tests.benchmarks.test_run import tiny_overrides
+from tests.conftest import default_sigint
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "benchmarks/configs/ci.yaml"
@@ -218,6 +219,7 @@ def _start_until(tmp_path: Path, marker: str, extra: list[str]) -> subprocess.Po
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
     for line in proc.stdout:
         if marker in line:

@@ -32,6 +32,7 @@ from pipelines.proposals import (
     load_or_compute,
     selective_search,
 )
+from tests.conftest import default_sigint
 
 CFG = ProposalConfig(resize_max_side=64, max_proposals=50, min_side=3)
 DASK = ProposalConfig(**{**vars(CFG), "executor": "dask"})  # a LocalCluster of `workers` processes
@@ -383,6 +384,7 @@ def running_child(tmp_path, request):
         text=True,
         env=env,
         start_new_session=True,  # its own process group, as a shell job is: Ctrl-C goes to it alone
+        preexec_fn=default_sigint,
     )
     workers = {}
     try:
