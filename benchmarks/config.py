@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from datasets.synthetic import SyntheticConfig
-from pipelines import registry
+from pipelines import registry, timing
 from pipelines.backbones import BackboneConfig
 from pipelines.proposals import ProposalConfig
 
@@ -52,7 +52,7 @@ class DataConfig:
             raise ValueError("data.images is for kind 'coco' (a VOC folder keeps JPEGImages/)")
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")  # bench.precision: pipelines.timing.autocast's choices
+PRECISIONS = tuple(timing.PRECISIONS)  # bench.precision: pipelines.timing.arithmetic's choices
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class BenchConfig:
     busy_share: float = 0.15  # warn when other processes used more of the CPU than this
     sweep_repeats: int = 1  # like repeats, for the sweep points
     precision: str = (
-        "fp32"  # test-time passes: fp32 (the papers'), bf16 or fp16 under torch.autocast
+        "fp32"  # test-time passes: fp32 (IEEE, the papers'), tf32, or bf16 / fp16 under autocast
     )
     channels_last: bool = False  # test-time networks in channels-last memory format
 
@@ -108,6 +108,9 @@ class RunConfig:
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     seed: int = 0  # seeds Python, NumPy and torch; each pipeline draws from seed + its name
     deterministic: bool = True  # deterministic kernels (and cuBLAS/cuDNN settings on CUDA)
+    train_tf32: bool = (
+        False  # CUDA training on TF32 tensor cores; false: IEEE float32 (the papers')
+    )
     proposal_workers: int = 2  # selective-search worker processes
     cache_dir: str = "datasets/data/cache"  # proposal and feature caches
     output_dir: str = "reports"  # one folder per run below it

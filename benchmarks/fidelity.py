@@ -65,9 +65,26 @@ def _shared(cfg: RunConfig) -> list[Setting]:
     ]
 
 
+# Both originals ran Caffe, which computes in float (pycaffe's Dtype), on a K40 (Fast R-CNN Table 4),
+# whose Kepler cores have no TF32 (it came with Ampere).
+_CAFFE_FLOAT = (
+    "Caffe's float: rbgirshick/caffe-fast-rcnn@28a579e python/caffe/_caffe.cpp:32, "
+    f"{FAST_RCNN_REPO} tools/test_net.py:73-75; a K40 (Fast R-CNN paper, Table 4) has no TF32"
+)
+
+
+def _arithmetic(cfg: RunConfig) -> list[Setting]:
+    """The arithmetic of the training and of the timed test passes."""
+    train = "tf32" if cfg.train_tf32 else "fp32"
+    return [
+        setting("shared", "training arithmetic", "fp32", _CAFFE_FLOAT, train),
+        setting("shared", "test-time arithmetic", "fp32", _CAFFE_FLOAT, cfg.bench.precision),
+    ]
+
+
 def fidelity_rows(cfg: RunConfig) -> list[Setting]:
     """The shared settings, then each configured pipeline's own."""
-    rows = _shared(cfg)
+    rows = _shared(cfg) + _arithmetic(cfg)
     for name, block in cfg.pipelines.items():
         rows += registry.get(name).fidelity(block)
     return rows

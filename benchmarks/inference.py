@@ -23,7 +23,7 @@ from benchmarks.roofline import CostTimer
 from pipelines import distributed
 from pipelines.detector import Detections, Detector
 from pipelines.progress import progress
-from pipelines.timing import StageTimer, autocast, device_clock
+from pipelines.timing import StageTimer, arithmetic, device_clock
 
 __all__ = [
     "PassResult",
@@ -47,7 +47,7 @@ class TimingPlan:
         warmup: run once before timing, not counted.
         timed: timed, in order; the same list for the main pass and every variant.
         repeats: times each timed image is run; its figure is the median of these.
-        precision: what the passes run in (pipelines.timing.autocast).
+        precision: what the passes run in (pipelines.timing.arithmetic).
         warm_each: run each timed image once, untimed, before its timed runs.
     """
 
@@ -112,7 +112,7 @@ def _timed_detect(
 ) -> tuple[Detections, float, dict[str, float]]:
     """One detection, its wall time (ms) and its stage times (ms)."""
     timer = StageTimer(device)
-    with device_clock(device) as took, autocast(device, precision):
+    with device_clock(device) as took, arithmetic(device, precision):
         dets = det.detect(image, boxes, timer, variant)
     return dets, took[0] * 1000, {k: v * 1000 for k, v in timer.seconds.items()}
 

@@ -44,8 +44,7 @@ def machine_peaks(device: torch.device, repeats: int = 5) -> dict[str, float]:
     memory bandwidth (a large copy, bytes read plus written), in GB/s.
 
     With the thread count already set: on a CPU the rate is that of the threads the run uses. On a GPU
-    "float32" is true float32 (TF32 off for the probe) and "tf32" the rate cuDNN's convolutions reach
-    at PyTorch's default (``torch.backends.cudnn.allow_tf32``, recorded in ``env``).
+    "float32" is IEEE float32 (TF32 off for the probe) and "tf32" the rate with TF32 tensor cores.
     """
     out = {}
     cuda = device.type == "cuda"
@@ -72,19 +71,16 @@ def machine_peaks(device: torch.device, repeats: int = 5) -> dict[str, float]:
     return out
 
 
-def with_reference(peaks: dict, precision: str, tf32_convs: bool) -> dict:
+def with_reference(peaks: dict, precision: str) -> dict:
     """``peaks`` plus the rate each stage's share is taken of: "compute_kind" and "compute_gflops".
 
-    That is the matrix-multiply rate in the precision the timed passes run in: float32 on a CPU;
-    on a GPU at fp32, TF32 when ``tf32_convs`` (cuDNN's convolutions may use it: PyTorch's default,
-    ``torch.backends.cudnn.allow_tf32``), else float32; bf16 and fp16 their own.
+    That is the matrix-multiply rate in the precision the timed passes run in (``bench.precision``,
+    pipelines.timing.arithmetic): float32 at fp32, and on a GPU TF32, bf16 and fp16 their own; on a
+    CPU, whose other rates are not probed, float32 for all.
     """
-    if precision == "fp32":
-        kind = "tf32" if tf32_convs and "matmul_tf32_gflops" in peaks else "float32"
-    else:
-        kind = {"bf16": "bfloat16", "fp16": "float16"}[precision]
-        if f"matmul_{kind}_gflops" not in peaks:  # a CPU: its 16-bit rate is not probed
-            kind = "float32"
+    kind = {"fp32": "float32", "tf32": "tf32", "bf16": "bfloat16", "fp16": "float16"}[precision]
+    if f"matmul_{kind}_gflops" not in peaks:
+        kind = "float32"
     return {**peaks, "compute_kind": kind, "compute_gflops": peaks[f"matmul_{kind}_gflops"]}
 
 

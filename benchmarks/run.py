@@ -80,8 +80,7 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path | None:
     started = time.perf_counter()
     lap = Laps()
     device = setup(cfg)
-    tf32_convs = device.type == "cuda" and torch.backends.cudnn.allow_tf32
-    peaks = with_reference(machine_peaks(device), cfg.bench.precision, tf32_convs)
+    peaks = with_reference(machine_peaks(device), cfg.bench.precision)
     log(
         f"{device}: matrix multiply {peaks['compute_gflops']:.0f} GFLOP/s "
         f"({peaks['compute_kind']}), memory {peaks['bandwidth_gbs']:.1f} GB/s; test-time "
@@ -168,12 +167,14 @@ def pretrain_line(record: dict) -> str:
 
 
 def setup(cfg: RunConfig) -> torch.device:
-    """Thread count, the C allocator's thresholds, device, seeds and deterministic kernels."""
+    """Thread count, the C allocator's thresholds, device, seeds, deterministic kernels, and the
+    training's arithmetic (IEEE float32 unless ``train_tf32``; each test-time pass sets its own)."""
     pin_allocator()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = distributed.init_from_env(resolve_device(cfg.device))
     make_reproducible(cfg.seed, cfg.deterministic, device)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = cfg.train_tf32
     if distributed.world_size() > 1:
         log(f"process {distributed.rank()} of {distributed.world_size()} on {device}")
     return device

@@ -14,13 +14,23 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["AUTOCAST_DTYPES", "StageTimer", "autocast", "device_clock", "synchronize"]
+__all__ = [
+    "PRECISIONS",
+    "StageTimer",
+    "arithmetic",
+    "device_clock",
+    "synchronize",
+    "tf32_allowed",
+]
 
-# bench.precision -> the dtype torch.autocast runs matrix products and convolutions in (None: float32).
-AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
-    "fp32": None,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
+# bench.precision -> (the dtype torch.autocast runs matrix products and convolutions in, None for no
+# autocast; whether CUDA's float32 convolutions and matrix products may run on TF32 tensor cores).
+# PyTorch's own default is neither: TF32 for cuDNN's convolutions, not for matrix products.
+PRECISIONS: dict[str, tuple[torch.dtype | None, bool]] = {
+    "fp32": (None, False),  # IEEE float32 throughout: the papers' arithmetic (Caffe on a K40)
+    "tf32": (None, True),  # float32 tensors, products with a 10-bit mantissa (Ampere and later)
+    "bf16": (torch.bfloat16, False),  # what autocast keeps in float32 stays IEEE float32
+    "fp16": (torch.float16, False),
 }
 
 
@@ -30,22 +40,35 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The context a test-time pass runs in: nothing for "fp32", else torch.autocast in the
-    precision's dtype (convolutions and matrix products in 16 bits, reductions and box arithmetic
-    in float32, as autocast's op lists decide).
+@contextmanager
+def tf32_allowed(allowed: bool) -> Iterator[None]:
+    """Run a block with CUDA's float32 convolutions (cuDNN) and matrix products (cuBLAS) allowed
+    on TF32 tensor cores or not, and the previous settings restored afterwards. The CPU's kernels
+    do not read these flags."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@contextmanager
+def arithmetic(device: torch.device, precision: str) -> Iterator[None]:
+    """The arithmetic a test-time pass runs in (``bench.precision``, one of PRECISIONS): float32
+    with TF32 off ("fp32") or on ("tf32"), or torch.autocast in 16 bits (convolutions and matrix
+    products in bfloat16 or float16, reductions and box arithmetic in float32, as autocast's op
+    lists decide).
 
     Raises:
         ValueError: an unknown precision.
     """
-    if precision not in AUTOCAST_DTYPES:
-        raise ValueError(
-            f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {precision!r}"
-        )
-    dtype = AUTOCAST_DTYPES[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dtype, tf32 = PRECISIONS[precision]
+    cast = contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+    with tf32_allowed(tf32), cast:
+        yield
 
 
 @contextmanager

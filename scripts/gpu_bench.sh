@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Paper-scale speed on a GPU: the VGG16 config (benchmarks/configs/vgg16_voc07.yaml: 2000 selective-search
 # proposals, scale 600 / max 1000) on synthetic images of VOC size, every pipeline trained for a short
-# schedule, timed per image and stage with CUDA events, at fp32 (the papers') and then at bf16 with
-# channels-last.
+# schedule, timed per image and stage with CUDA events, at fp32 (IEEE float32, the papers') and then at
+# bf16 with channels-last (each precision in GPU_BENCH_PRECISIONS: fp32, tf32, bf16 or fp16; the 16-bit
+# ones with channels-last).
 #
 #   scripts/gpu_bench.sh prepare    # where selective search runs (it needs opencv-contrib): the images
 #                                   # and their proposal cache, under $GPU_BENCH_DIR
 #   scripts/gpu_bench.sh run        # on the GPU machine, with $GPU_BENCH_DIR carried over
+#   scripts/gpu_bench.sh plan       # anywhere: `rcnn-bench run --dry-run` with run's settings, for each
+#                                   # precision (checks the settings, prints the plan, trains nothing)
 #
 # A GPU machine without network or opencv-contrib needs only the folder `prepare` wrote: the cache is keyed
 # by the images and the settings, so `run` reads it and computes nothing. The results go to
@@ -15,7 +18,8 @@
 #   GPU_BENCH_DIR [datasets/data/gpu-bench]   GPU_BENCH_DEVICE [cuda]   GPU_BENCH_PRECISIONS ["fp32 bf16"]
 #   GPU_BENCH_TRAIN [20] / GPU_BENCH_TEST [24] images   GPU_BENCH_TIMED [16]   GPU_BENCH_ITERS [40]
 #   GPU_BENCH_WEIGHTS [none: VGG16 initialised from backbone.seed; a path: a torchvision state dict]
-#   GPU_BENCH_PIPELINES [all of the config's]   GPU_BENCH_SET [more KEY=VALUE overrides, space-separated]
+#   GPU_BENCH_PIPELINES [all of the config's]
+#   GPU_BENCH_SET [more KEY=VALUE overrides, space-separated, given last: they win over the above]
 # Timing does not depend on the weights' values, so random weights give the paper setting's speed; their
 # mAP is not the paper's.
 set -euo pipefail
@@ -35,13 +39,15 @@ settings=(
   --set "data.synthetic.test_images=${GPU_BENCH_TEST:-24}"
   --set "cache_dir=$dir/cache" --set "output_dir=$dir/reports"
 )
-for key in ${GPU_BENCH_SET:-}; do settings+=(--set "$key"); done
+extra=()  # GPU_BENCH_SET's overrides, given last so that they win
+for key in ${GPU_BENCH_SET:-}; do extra+=(--set "$key"); done
 
 case $mode in
   prepare)
+    settings+=("${extra[@]}")
     "$py" -m benchmarks.cli proposals "${settings[@]}"
     ;;
-  run)
+  run|plan)
     settings+=(
       --set "device=$device" --set "backbone.weights=${GPU_BENCH_WEIGHTS:-none}"
       --set "bench.timed_images=${GPU_BENCH_TIMED:-16}" --set bench.warmup_images=2
@@ -51,18 +57,20 @@ case $mode in
     for name in rcnn fast_rcnn sppnet faster_rcnn; do
       settings+=(--set "pipelines.$name.solver.iters=$iters")
     done
-    settings+=(--set "pipelines.sppnet.pretrain_iters=$iters")
-    [[ $device == cuda* ]] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    settings+=(--set "pipelines.sppnet.pretrain_iters=$iters" "${extra[@]}")
+    dry=()
+    [[ $mode == plan ]] && dry=(--dry-run)
+    [[ $mode == run && $device == cuda* ]] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     for precision in ${GPU_BENCH_PRECISIONS:-fp32 bf16}; do
       channels_last=false
-      [[ $precision != fp32 ]] && channels_last=true
+      [[ $precision == bf16 || $precision == fp16 ]] && channels_last=true
       echo "== $precision, channels_last=$channels_last"
-      "$py" -m benchmarks.cli run "${settings[@]}" \
+      "$py" -m benchmarks.cli run "${dry[@]}" "${settings[@]}" \
         --set "bench.precision=$precision" --set "bench.channels_last=$channels_last"
     done
     ;;
   *)
-    echo "usage: scripts/gpu_bench.sh prepare|run (settings: the comment at the top of this script)" >&2
+    echo "usage: scripts/gpu_bench.sh prepare|run|plan (settings: the comment at the top of this script)" >&2
     exit 2
     ;;
 esac

@@ -93,3 +93,24 @@ def test_readme_fidelity_table_is_the_commands_output(capsys):
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     shown = readme.split("<!-- fidelity:vgg16_voc07 -->\n")[1].split("\n<!-- /fidelity -->")[0]
     assert shown.strip() == table
+
+
+def test_fidelity_rows_give_the_arithmetic_of_training_and_test():
+    from benchmarks.fidelity import fidelity_rows
+
+    def rows(*overrides):
+        cfg = load_config("benchmarks/configs/vgg16_voc07.yaml", list(overrides))
+        found = {r.name: r for r in fidelity_rows(cfg) if r.pipeline == "shared"}
+        return {
+            k: (found[k].value, found[k].status)
+            for k in ("training arithmetic", "test-time arithmetic")
+        }
+
+    assert rows() == {
+        "training arithmetic": ("fp32", "match"),
+        "test-time arithmetic": ("fp32", "match"),
+    }
+    assert rows("train_tf32=true", "bench.precision=bf16") == {
+        "training arithmetic": ("tf32", "deviation"),
+        "test-time arithmetic": ("bf16", "deviation"),
+    }

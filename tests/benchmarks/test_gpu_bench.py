@@ -23,7 +23,8 @@ SMALL = " ".join(
         "pipelines.fast_rcnn.scale=64",
         "pipelines.fast_rcnn.max_size=128",
         "pipelines.fast_rcnn.svd_ranks=[[16,8]]",
-        "bench.sweep_proposals=[5]",
+        "bench.sweep_proposals=[5]",  # the script's own are [300,2000]: GPU_BENCH_SET's win
+        "bench.sweep_images=1",  # the script's: 2
         "bench.bootstrap_samples=100",
     ]
 )
@@ -77,8 +78,20 @@ def test_gpu_bench_prepares_on_one_machine_and_runs_on_another(tmp_path):
     assert set(r["pipelines"]) == {"rcnn", "fast_rcnn"}
     assert r["timing"]["timed_images"] == 1
     assert r["pipelines"]["rcnn"]["train"]["paper_schedule"]["iterations_run"] == 2
+    assert (r["sweep"]["proposals"], r["sweep"]["images"]) == ([5], 1)
+
+
+def test_gpu_bench_plan_is_a_dry_run_of_the_same_settings(tmp_path):
+    assert _script("prepare", tmp_path).returncode == 0
+    planned = _script("plan", tmp_path)
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    assert "plan for 'vgg16_voc07' on cpu (a dry run" in planned.stdout
+    assert "== bf16, channels_last=true" in planned.stdout
+    assert not (tmp_path / "bench" / "reports").exists()  # nothing written
 
 
 def test_gpu_bench_without_a_mode_prints_its_usage(tmp_path):
     out = _script("", tmp_path)
-    assert out.returncode == 2 and out.stderr.startswith("usage: scripts/gpu_bench.sh prepare|run")
+    assert out.returncode == 2 and out.stderr.startswith(
+        "usage: scripts/gpu_bench.sh prepare|run|plan"
+    )

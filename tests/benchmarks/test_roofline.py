@@ -40,14 +40,15 @@ def test_stage_efficiency_by_hand():
 
 
 def test_shares_are_taken_of_the_precision_the_passes_run_in():
-    assert with_reference(PEAKS, "fp32", False)["compute_kind"] == "float32"
-    assert with_reference(PEAKS, "bf16", False)["compute_kind"] == "float32"  # no 16-bit CPU probe
-    assert with_reference(GPU_PEAKS, "fp32", True)["compute_gflops"] == 400_000.0
-    assert with_reference(GPU_PEAKS, "fp32", False)["compute_gflops"] == 50_000.0
-    assert with_reference(GPU_PEAKS, "bf16", True)["compute_gflops"] == 800_000.0
-    assert with_reference(GPU_PEAKS, "fp16", True)["compute_kind"] == "float16"
+    assert with_reference(PEAKS, "fp32")["compute_kind"] == "float32"
+    assert with_reference(PEAKS, "tf32")["compute_kind"] == "float32"  # a CPU: only float32 probed
+    assert with_reference(PEAKS, "bf16")["compute_kind"] == "float32"
+    assert with_reference(GPU_PEAKS, "tf32")["compute_gflops"] == 400_000.0
+    assert with_reference(GPU_PEAKS, "fp32")["compute_gflops"] == 50_000.0
+    assert with_reference(GPU_PEAKS, "bf16")["compute_gflops"] == 800_000.0
+    assert with_reference(GPU_PEAKS, "fp16")["compute_kind"] == "float16"
     assert reference_gflops(PEAKS) == 100.0  # a results file from before the reference was kept
-    bf16 = with_reference(GPU_PEAKS, "bf16", True)
+    bf16 = with_reference(GPU_PEAKS, "bf16")
     eff = stage_efficiency({"fc": 4_000_000}, {"fc": 1}, {"fc": 1.0}, bf16)
     assert eff["fc"]["share_of_matmul_peak"] == pytest.approx(4.0 / 800_000.0)
 

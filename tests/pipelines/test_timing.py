@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.timing import StageTimer, autocast, device_clock
+from pipelines.timing import StageTimer, arithmetic, device_clock, tf32_allowed
 
 
 def test_stages_accumulate_exactly():
@@ -73,19 +73,39 @@ def test_device_clock_on_the_cpu_is_wall_time():
 
 
 @pytest.mark.parametrize(
-    "precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)]
+    "precision, dtype, tf32",
+    [
+        ("fp32", torch.float32, False),
+        ("tf32", torch.float32, True),
+        ("bf16", torch.bfloat16, False),
+        ("fp16", torch.float16, False),
+    ],
 )
-def test_autocast_runs_matrix_products_in_the_precision(precision, dtype):
+def test_arithmetic_sets_the_product_dtype_and_tf32(precision, dtype, tf32):
     layer = nn.Linear(4, 3)
-    with autocast(torch.device("cpu"), precision):
+    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
+    before = flags()
+    with arithmetic(torch.device("cpu"), precision):
         out = layer(torch.ones(2, 4))
+        inside = flags()
     assert out.dtype == dtype
     assert layer.weight.dtype == torch.float32  # the weights themselves stay float32
+    assert inside == (tf32, tf32)  # cuDNN's and cuBLAS's both, not PyTorch's mixed default
+    assert flags() == before  # restored
 
 
-def test_autocast_rejects_an_unknown_precision():
-    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16, got 'int8'"):
-        autocast(torch.device("cpu"), "int8")
+def test_tf32_allowed_restores_the_flags_after_an_error():
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+    with pytest.raises(RuntimeError), tf32_allowed(True):
+        assert torch.backends.cuda.matmul.allow_tf32
+        raise RuntimeError
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, False)
+
+
+def test_arithmetic_rejects_an_unknown_precision():
+    with pytest.raises(ValueError, match="must be one of fp32, tf32, bf16, fp16, got 'int8'"):
+        with arithmetic(torch.device("cpu"), "int8"):
+            pass
 
 
 def test_cpu_stage_never_synchronizes():
