@@ -126,6 +126,21 @@ def _lost(index: int, executor: str) -> WorkerLostError:
     )
 
 
+def _collect(
+    futures: Sequence, lost: type[BaseException], executor: str, desc: str, unit: str
+) -> list:
+    """The futures' results in order, with a progress bar; ``lost`` (the executor's sign that a
+    worker process died) becomes a WorkerLostError naming the item: futures are read in order, so
+    that item was in progress or queued next."""
+    results = []
+    for index, future in enumerate(progress(futures, desc, unit)):
+        try:
+            results.append(future.result())
+        except lost:
+            raise _lost(index, executor) from None
+    return results
+
+
 def _run_pool(fn: Callable, items: Sequence, workers: int, desc: str, unit: str) -> list:
     """The "local" executor with ``workers`` >= 2 spawned processes."""
     # spawn, not fork: a forked child inherits OpenCV's and torch's thread pools mid-state and can
@@ -134,17 +149,11 @@ def _run_pool(fn: Callable, items: Sequence, workers: int, desc: str, unit: str)
     pool = ProcessPoolExecutor(
         workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)
     )
-    results = []
     try:
-        # One future per item (not map's chunks): a failure is then tied to one item.
+        # One future per item (not map's chunks): a failure is then tied to one item. A worker
+        # that died without an exception (crash, out of memory, killed) breaks the pool.
         futures = [pool.submit(fn, item) for item in items]
-        for index, future in enumerate(progress(futures, desc, unit)):
-            try:
-                results.append(future.result())
-            except BrokenProcessPool:
-                # A worker died without an exception (crash, out of memory, killed); futures are
-                # read in order, so this item was in progress or queued next.
-                raise _lost(index, "local") from None
+        results = _collect(futures, BrokenProcessPool, "local", desc, unit)
     except KeyboardInterrupt:
         # Stop now: drop the queued items, and kill the running ones rather than wait for them
         # (the interpreter would otherwise wait for them at exit). shutdown() forgets the processes.
@@ -169,12 +178,7 @@ def _run_dask(
     with _dask_client(scheduler, workers) as client:
         futures = client.map(fn, items, pure=False, retries=DASK_RETRIES)
         try:
-            results = []
-            for index, future in enumerate(progress(futures, desc, unit)):
-                try:
-                    results.append(future.result())
-                except KilledWorker:
-                    raise _lost(index, "dask") from None
+            results = _collect(futures, KilledWorker, "dask", desc, unit)
         except BaseException:
             client.cancel(futures)  # a shared cluster's workers would otherwise go on with them
             raise

@@ -62,6 +62,7 @@ __all__ = [
     "FastRCNN",
     "FastRCNNConfig",
     "HeadSettings",
+    "conv_map",
     "detection_loss",
     "draw_image",
     "head_detections",
@@ -164,6 +165,22 @@ def prepare_image(
         size = (max(1, round(h * s)), max(1, round(w * s)))
         x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
     return x, s
+
+
+def conv_map(
+    trunk: nn.Module, image: Tensor, scale: int, max_size: int, timer: StageTimer
+) -> tuple[Tensor, Tensor, float]:
+    """How every shared-map pipeline starts a detection: the image normalized and resized
+    (stage "preprocess"), then the trunk's conv map of it (stage "conv").
+
+    Returns:
+        (the resized Tensor[3, h, w], its conv map Tensor[1, C, h', w'], the scale factor s).
+    """
+    with timer.stage("preprocess"):
+        x, s = prepare_image(image, scale, max_size)
+    with timer.stage("conv"):
+        features = trunk(x[None])
+    return x, features, s
 
 
 def detection_loss(
@@ -753,10 +770,7 @@ class FastRCNN(Detector):
         self, image: Tensor, proposals: Tensor, timer: StageTimer, variant: str | None
     ) -> Detections:
         cfg = self.cfg
-        with timer.stage("preprocess"):
-            x, s = prepare_image(image, cfg.scale, cfg.max_size)
-        with timer.stage("conv"):
-            features = self.net.trunk(x[None])
+        _, features, s = conv_map(self.net.trunk, image, cfg.scale, cfg.max_size, timer)
         size = (image.shape[0], image.shape[1])
         heads = (self.cls_score, self.bbox_pred)
         svms = (self.svms, cfg.svm_score_thresh) if variant == "svm" else None

@@ -48,6 +48,7 @@ from pipelines.backbones import layer_multipliers
 from pipelines.boxes import flip_boxes
 from pipelines.detector import Detections, Detector, TrainData
 from pipelines.fast_rcnn import (
+    conv_map,
     draw_image,
     head_detections,
     head_loss,
@@ -304,10 +305,7 @@ class FasterRCNN(Detector):
         if proposals is not None:
             raise ValueError(f"{self.name} makes its own proposals: pass None")
         cfg = self.cfg
-        with timer.stage("preprocess"):
-            x, s = prepare_image(image, cfg.scale, cfg.max_size)
-        with timer.stage("conv"):
-            features = self.net.trunk(x[None])
+        x, features, s = conv_map(self.net.trunk, image, cfg.scale, cfg.max_size, timer)
         with timer.stage("rpn"):
             boxes, _ = propose(self.rpn, x[None], [(x.shape[1], x.shape[2])], features)
             proposals = boxes[0] / s

@@ -48,7 +48,13 @@ from pipelines import distributed
 from pipelines.backbones import Backbone
 from pipelines.boxes import boxes_to_rois
 from pipelines.detector import Detections, Detector, TrainData
-from pipelines.fast_rcnn import draw_image, images_in_band, prepare_image, roi_max_pool
+from pipelines.fast_rcnn import (
+    conv_map,
+    draw_image,
+    images_in_band,
+    prepare_image,
+    roi_max_pool,
+)
 from pipelines.fidelity import SPP_NET_REPO, Setting, setting
 from pipelines.rcnn import (
     REGION_BYTES,
@@ -364,10 +370,7 @@ class SPPnet(Detector):
         self, image: Tensor, proposals: Tensor, timer: StageTimer, variant: str | None
     ) -> Detections:
         cfg = self.cfg
-        with timer.stage("preprocess"):
-            x, s = prepare_image(image, cfg.scale, cfg.max_size)
-        with timer.stage("conv"):
-            features = self.trunk(x[None])
+        _, features, s = conv_map(self.trunk, image, cfg.scale, cfg.max_size, timer)
         with timer.stage("spp"):
             pyramid = self._pyramid(features, proposals * s)
         with timer.stage("fc"):

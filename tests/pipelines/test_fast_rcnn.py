@@ -19,6 +19,7 @@ from pipelines.fast_rcnn import (
     DeltaNorm,
     FastRCNN,
     FastRCNNConfig,
+    conv_map,
     detection_loss,
     draw_image,
     head_detections,
@@ -86,6 +87,19 @@ def test_prepare_image_scale_cap_and_flip():
     assert s == 1.5 and x.shape == (3, 60, 150)  # 80 / 40 = 2 would make the long side 200
     xf, _ = prepare_image(image, 40, 1000, flip=True)
     assert_close(xf, prepare_image(image, 40, 1000)[0].flip(2))
+
+
+def test_conv_map_is_the_resized_image_through_the_trunk_in_two_stages():
+    image = torch.randint(0, 255, (40, 100, 3), dtype=torch.uint8)
+    trunk = nn.Conv2d(3, 2, 3, stride=2)
+    timer = StageTimer("cpu")
+    x, features, s = conv_map(trunk, image, 80, 150, timer)
+    ref_x, ref_s = prepare_image(image, 80, 150)
+    assert s == ref_s == 1.5
+    assert_close(x, ref_x)
+    assert_close(features, trunk(ref_x[None]))
+    assert features.shape == (1, 2, 29, 74)  # (60 - 3) // 2 + 1, (150 - 3) // 2 + 1
+    assert set(timer.seconds) == {"preprocess", "conv"}
 
 
 def test_flips_keep_boxes_inside_the_image():
