@@ -78,3 +78,18 @@ def test_voc_and_coco_forms_of_one_data_set_give_identical_results(tmp_path):
     # (The proposal hashes differ only because they cover the image ids: "test_00000" against "1".)
     for key in ("losses", "map", "variants", "detections"):
         assert a[key] == b[key], key
+
+
+def test_setup_sets_the_training_arithmetic_from_train_tf32():
+    import torch
+
+    from benchmarks.run import setup
+
+    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
+    saved = flags()
+    try:
+        for tf32 in (True, False):
+            setup(load_config(None, ["device=cpu", f"train_tf32={str(tf32).lower()}"]))
+            assert flags() == (tf32, tf32)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
