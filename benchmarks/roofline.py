@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipelines.timing import StageTimer, device_clock
+from pipelines.timing import StageTimer, device_clock, tf32_allowed
 
 __all__ = [
     "CostTimer",
@@ -56,12 +56,8 @@ def machine_peaks(device: torch.device, repeats: int = 5) -> dict[str, float]:
     for label, dtype, tf32 in kinds:
         a = torch.randn(size, size, device=device).to(dtype)
         b = torch.randn(size, size, device=device).to(dtype)
-        saved = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        try:
+        with tf32_allowed(tf32):
             seconds = _best_seconds(lambda a=a, b=b: a @ b, device, repeats)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = saved
         out[f"matmul_{label}_gflops"] = 2 * size**3 / seconds / 1e9
     n = 2**25 if device.type == "cpu" else 2**28  # 128 MiB or 1 GiB of float32: past the caches
     src = torch.empty(n, device=device)
