@@ -1,4 +1,4 @@
-"""The `rcnn-bench` command: run | report | compare | proposals | data."""
+"""The `rcnn-bench` command: run | report | compare | gate | calibrate | proposals | data | fidelity."""
 
 from __future__ import annotations
 
@@ -13,17 +13,21 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from benchmarks.config import load_config
-    from benchmarks.run import run
-    from pipelines import distributed
+    from rcnn_bench.benchmarks.config import load_config
+    from rcnn_bench.benchmarks.harness.run import run
+    from rcnn_bench.pipelines.runtime import distributed
 
     path = args.config or str(DEFAULT_CONFIG)
     cfg = load_config(path, args.set)
     if args.dry_run:
-        from benchmarks.plan import dry_run
+        from rcnn_bench.benchmarks.harness.plan import dry_run
 
-        dry_run(cfg)
+        dry_run(cfg, args.probe, args.plan_for)
         return 0
+    if args.plan_for or args.probe != "estimate":
+        raise ValueError(
+            "--probe and --plan-for go with --dry-run (a run measures, it does not plan)"
+        )
     try:
         run(cfg, path)
     finally:
@@ -32,7 +36,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from datasets.synthetic import SyntheticConfig, generate
+    from rcnn_bench.datasets.synthetic import SyntheticConfig, generate
 
     cfg = SyntheticConfig(seed=args.seed, train_images=args.train, test_images=args.test)
     written = generate(args.out, cfg)
@@ -43,7 +47,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from datasets.convert import coco_to_voc, voc_to_coco
+    from rcnn_bench.datasets.convert import coco_to_voc, voc_to_coco
 
     if args.to == "coco":
         written = voc_to_coco(args.src, args.out)
@@ -59,12 +63,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_proposals(args: argparse.Namespace) -> int:
-    from benchmarks.config import load_config
-    from benchmarks.data import load_splits
-    from pipelines.proposals import load_or_compute
+    from rcnn_bench.benchmarks.config import load_config
+    from rcnn_bench.benchmarks.harness.data import load_splits
+    from rcnn_bench.pipelines.parts.proposals import load_or_compute
 
     cfg = load_config(args.config or str(DEFAULT_CONFIG), args.set)
-    splits = load_splits(cfg)
+    splits = load_splits(cfg.data)
     for ds in (splits.train, splits.test):
         props, cached = load_or_compute(ds, cfg.proposals, cfg.cache_dir, cfg.proposal_workers)
         s = props.stats(ds)
@@ -77,7 +81,7 @@ def _cmd_proposals(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from benchmarks.report import render
+    from rcnn_bench.benchmarks.reporting.report import render
 
     runs = [Path(r) for r in args.runs]
     out = Path(args.out) if args.out else runs[-1]
@@ -87,7 +91,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from benchmarks.compare import compare, write_baseline
+    from rcnn_bench.benchmarks.gate.compare import compare, write_baseline
 
     if args.write_baseline:
         data = write_baseline(args.b, args.a)
@@ -95,28 +99,64 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         return 0
     if len(args.b) != 1:
         raise ValueError("compare takes one A and one B (several runs are for --write-baseline)")
-    return compare(args.a, args.b[0], markdown=args.markdown, min_effect=args.min_effect)
+    return compare(
+        args.a, args.b[0], args.markdown, min_effect=args.min_effect, allow_new=args.allow_new
+    )
+
+
+def _cmd_gate(args: argparse.Namespace) -> int:
+    from rcnn_bench.benchmarks.gate.relative import REFERENCE_FILE, gate
+
+    return gate(
+        args.config,
+        against=args.against,
+        rounds=args.rounds,
+        sets=args.set,
+        work=args.work,
+        allow_new=args.allow_new,
+        from_runs=args.from_runs,
+        reference_file=args.reference or REFERENCE_FILE,
+        record=args.record_history,
+        strict=args.strict,
+    )
+
+
+def _cmd_targets(args: argparse.Namespace) -> int:
+    from rcnn_bench.benchmarks.gate.targets import TARGETS, target_lines
+
+    for line in target_lines(args.runs, args.targets or TARGETS):
+        print(line)
+    return 0
 
 
 def _cmd_fidelity(args: argparse.Namespace) -> int:
-    from benchmarks.config import load_config
-    from benchmarks.fidelity import fidelity_rows, fidelity_table
-    from benchmarks.tables import markdown
+    from rcnn_bench.benchmarks.config import load_config
+    from rcnn_bench.benchmarks.reporting.fidelity import (
+        fidelity_document,
+        fidelity_rows,
+        fidelity_table,
+    )
 
-    table = fidelity_table(fidelity_rows(load_config(args.config or str(DEFAULT_CONFIG), args.set)))
-    flat = table.reset_index().set_index("pipeline")
-    print(markdown(flat) if args.markdown else flat.to_string())
+    config = args.config or str(DEFAULT_CONFIG)
+    rows = fidelity_rows(load_config(config, args.set))
+    if args.markdown:
+        print(fidelity_document(config, rows), end="")
+    else:
+        print(fidelity_table(rows).reset_index().set_index("pipeline").to_string())
     return 0
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from benchmarks.calibrate import baseline_from_runs, calibrate
+    from rcnn_bench.benchmarks.gate.calibrate import baseline_from_runs, calibrate
 
     reports = Path(args.reports)
     if args.from_runs:
-        out = baseline_from_runs([Path(f) for f in args.from_runs], args.out, args.config)
+        seeds_run = Path(args.seeds_run) if args.seeds_run else None
+        out = baseline_from_runs(
+            [Path(f) for f in args.from_runs], args.out, args.config, seeds_run
+        )
     else:
-        out = calibrate(args.config, args.runs, args.out, args.set, reports)
+        out = calibrate(args.config, args.runs, args.out, args.set, reports, args.seeds)
     print(f"{'metric':<36} {'mean':>8} {'min':>8} {'max':>8} {'deviation':>9} {'tolerance':>9}")
     for name, s in out["spread"].items():
         tol = out["baseline"]["metrics"][name]["tolerance"]
@@ -129,11 +169,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         "latency drift between the runs (largest paired median ratio - 1): "
         + ", ".join(f"{name} {d:.1%}" for name, d in drift.items())
     )
-    print(
-        f"wrote baseline {args.out}; compare two runs of this machine with --min-effect "
-        f"{out['baseline']['latency_min_effect']:.2f}"
-    )
+    for name, s in out["baseline"].get("seed_spread", {}).get("pipelines", {}).items():
+        print(
+            f"{name}: VOC07 mAP over {s['n']} training seeds: mean {s['mean']:.3f}, sd {s['sd']:.3f}"
+        )
+    print(f"wrote baseline {args.out}")
     return 0
+
+
+def _flag(p: argparse.ArgumentParser, name: str, text: str) -> None:
+    p.add_argument(name, action="store_true", help=text)
 
 
 def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -182,14 +227,24 @@ def _compare_parsers(sub) -> None:
         type=float,
         default=0.05,
         help="two runs of one machine: the smallest latency change that counts (default 0.05; "
-        "use the latency_min_effect that `rcnn-bench calibrate` writes for this machine)",
+        "at least twice the latency_drift that `rcnn-bench calibrate` measures on this machine)",
     )
-    c.add_argument(
-        "--write-baseline",
-        action="store_true",
-        help="instead of comparing, write baseline A from the mean of the runs B",
+    _flag(
+        c,
+        "--allow-new",
+        "a metric or pipeline in one side only is reported, not a failure (declare it)",
+    )
+    _flag(
+        c, "--write-baseline", "instead of comparing, write baseline A from the mean of the runs B"
     )
     c.set_defaults(func=_cmd_compare)
+    t = sub.add_parser(
+        "targets",
+        help="the speed targets (benchmarks/gate/targets.yaml) against run folders: met or not",
+    )
+    t.add_argument("runs", nargs="+", help="run folders or results.json files")
+    t.add_argument("--targets", help="a targets YAML file (default: benchmarks/gate/targets.yaml)")
+    t.set_defaults(func=_cmd_targets)
     cal = sub.add_parser(
         "calibrate",
         help="run a config N times, write its baseline with measured tolerances",
@@ -204,7 +259,62 @@ def _compare_parsers(sub) -> None:
         metavar="RUN",
         help="no new runs: derive the baseline from these A/A run folders of the config",
     )
+    cal.add_argument(
+        "--seeds",
+        type=int,
+        default=5,
+        help="then one run over this many training seeds (bench.seeds; at least 5, 0: none): "
+        "the baseline's seed_spread",
+    )
+    cal.add_argument(
+        "--seeds-run",
+        metavar="RUN",
+        help="with --from-runs: the run over several training seeds to take the seed spread from",
+    )
     cal.set_defaults(func=_cmd_calibrate)
+    g = sub.add_parser(
+        "gate",
+        help="relative CI: run a config at the reference revision and at this tree on this machine, "
+        "interleaved, and gate this tree against it; non-zero on a regression",
+    )
+    _config_args(g, required=True)
+    g.add_argument(
+        "--against",
+        metavar="REV",
+        help="the reference revision (default: the commit in --reference)",
+    )
+    g.add_argument(
+        "--reference",
+        help="the committed file naming the reference, the rounds and the tolerances (default: "
+        "benchmarks/baselines/reference.json)",
+    )
+    g.add_argument(
+        "--rounds", type=int, help="ABBA rounds, one run per side each (default: the file's)"
+    )
+    g.add_argument("--work", default="build/gate", help="where the worktree and the runs go")
+    _flag(
+        g,
+        "--allow-new",
+        "a metric or pipeline in one side only is reported, not a failure (declare it)",
+    )
+    g.add_argument(
+        "--from-runs",
+        nargs=2,
+        metavar=("A_DIR", "B_DIR"),
+        help="run nothing: gate the run folders under B_DIR against those under A_DIR",
+    )
+    _flag(
+        g,
+        "--record-history",
+        "append the reference's figures to the committed history (when moving the reference)",
+    )
+    _flag(
+        g,
+        "--strict",
+        "gate the times even when a run was timed on a busy machine (by default they are shown, "
+        "not gated, and the accuracy alone is gated)",
+    )
+    g.set_defaults(func=_cmd_gate)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -216,11 +326,26 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train, time and score the pipelines; write reports/<run-id>/")
     _config_args(r)
-    r.add_argument(
+    _flag(
+        r,
         "--dry-run",
-        action="store_true",
-        help="check the config, data, weights and folders and print the plan (sizes, memory, time "
+        "check the config, data, weights and folders and print the plan (sizes, memory, time "
         "per stage from a short probe); train nothing, write nothing",
+    )
+    r.add_argument(
+        "--probe",
+        choices=("estimate", "full"),
+        default="estimate",
+        help="with --dry-run: 'estimate' (default) skips the probe's convolutions and matrix "
+        "products and estimates them from their FLOPs and bytes at rates measured here, in seconds "
+        "on any machine; 'full' computes everything, as the run would (VGG16 at 2000 proposals "
+        "takes hours on a CPU)",
+    )
+    r.add_argument(
+        "--plan-for",
+        metavar="DEVICE",
+        help="with --dry-run: estimate at the rates of a device named in "
+        "benchmarks/machine/devices.yaml (e.g. h100) instead of this machine's",
     )
     r.set_defaults(func=_cmd_run)
     _data_parsers(sub)
@@ -238,7 +363,11 @@ def parser() -> argparse.ArgumentParser:
     _compare_parsers(sub)
     fid = sub.add_parser("fidelity", help="a config's settings beside the original code's")
     _config_args(fid)
-    fid.add_argument("--markdown", action="store_true")
+    fid.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print it as a Markdown document (docs/fidelity-<config>.md holds the paper configs')",
+    )
     fid.set_defaults(func=_cmd_fidelity)
     return p
 

@@ -10,6 +10,7 @@ with its block, whose schema is the registered pipeline's own config class (pipe
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from datasets.synthetic import SyntheticConfig
-from pipelines import registry, timing
-from pipelines.backbones import BackboneConfig
-from pipelines.proposals import ProposalConfig
+from rcnn_bench.datasets.synthetic import SyntheticConfig
+from rcnn_bench.pipelines import registry
+from rcnn_bench.pipelines.originals.shared import SHARED
+from rcnn_bench.pipelines.parts.backbones import BackboneConfig
+from rcnn_bench.pipelines.parts.proposals import ProposalConfig
+from rcnn_bench.pipelines.runtime import timing
 
 __all__ = ["BenchConfig", "ConfigError", "DataConfig", "RunConfig", "load_config", "to_dict"]
 
@@ -42,7 +44,6 @@ class DataConfig:
     train_limit: int | None = None  # use only the first N training images
     test_limit: int | None = None  # use only the first N test images
     fallback_to_synthetic: bool = False  # "voc" only: generate synthetic data when root is missing
-    train_difficult: bool = False  # train on difficult objects too (both originals do)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self):
@@ -79,6 +80,12 @@ class BenchConfig:
         "fp32"  # test-time passes: fp32 (IEEE, the papers'), tf32, or bf16 / fp16 under autocast
     )
     channels_last: bool = False  # test-time networks in channels-last memory format
+    # Training seeds: a count n (the run's seed, seed + 1, ..., seed + n - 1) or the seeds themselves;
+    # every pipeline is trained under each (data, proposals and pre-trained weights shared), the first
+    # seed's models are the ones timed, and accuracy is given as mean, sd and 95% interval over them
+    seeds: int | tuple[int, ...] = 1
+    seed_spread: str | None = None  # a baseline JSON whose calibrated seed spread (`calibrate`) a
+    # single-seed run shows beside each mAP
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -97,6 +104,20 @@ class BenchConfig:
             )
         if not self.sweep_proposals or min(self.sweep_proposals) < 1:
             raise ValueError("bench.sweep_proposals must list proposal counts >= 1")
+        listed = self.seeds if isinstance(self.seeds, tuple) else ()
+        if isinstance(self.seeds, int) and self.seeds < 1:
+            raise ValueError(f"bench.seeds: a count must be >= 1, got {self.seeds}")
+        if isinstance(self.seeds, tuple) and (
+            not listed or min(listed) < 0 or len(set(listed)) != len(listed)
+        ):
+            raise ValueError(
+                f"bench.seeds: expected distinct seeds >= 0 or a count, got {list(listed)}"
+            )
+
+
+# A config's name goes into its run folder's name: no path separator, no "..", nothing a shell or
+# another file system would read differently.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 @dataclass(frozen=True)
@@ -119,8 +140,24 @@ class RunConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     pipelines: dict[str, Any] = field(default_factory=lambda: _default_pipelines())
     bench: BenchConfig = field(default_factory=BenchConfig)
+    # The originals' settings this config departs from on purpose: per fidelity table ("shared" or a
+    # pipeline), row name -> the reason (`rcnn-bench fidelity` prints it beside the row).
+    deviations: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def training_seeds(self) -> tuple[int, ...]:
+        """``bench.seeds`` as seeds, the timed one first: a count n is seed, ..., seed + n - 1."""
+        if isinstance(self.bench.seeds, tuple):
+            return self.bench.seeds
+        return tuple(range(self.seed, self.seed + self.bench.seeds))
 
     def __post_init__(self):
+        if not (SAFE_NAME.fullmatch(self.name) and ".." not in self.name):
+            raise ValueError(
+                f"name: {self.name!r} is not a safe part of a folder name (the run folder is "
+                "<time>-<name>-<suffix>): use up to 100 letters, digits, '_', '-' and '.', "
+                "starting with a letter or digit, without '..'"
+            )
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
         if self.proposal_workers < 1:
@@ -136,6 +173,32 @@ class RunConfig:
         for pair in self.bench.pairs:
             if not set(pair) <= names:
                 raise ValueError(f"bench.pairs: {list(pair)} names a pipeline that is not run")
+        _check_deviations(self.deviations)
+
+
+def _check_deviations(deviations: dict[str, dict[str, str]]) -> None:
+    """Each declared deviation names a table and a row of it, with a reason."""
+    for table_name, reasons in deviations.items():
+        if table_name == "shared":
+            table = SHARED
+        else:
+            try:
+                table = registry.get(table_name).originals
+            except ValueError:
+                table = None
+            if table is None:
+                raise ValueError(
+                    f"deviations.{table_name}: no fidelity table of that name ('shared' or a "
+                    "pipeline with originals)"
+                )
+        rows = {row.name for row in table.rows}
+        for row, reason in reasons.items():
+            if row not in rows:
+                raise ValueError(
+                    f"deviations.{table_name}: no row {row!r} (`rcnn-bench fidelity` lists them)"
+                )
+            if not reason.strip():
+                raise ValueError(f"deviations.{table_name}.{row}: give the reason")
 
 
 def _default_pipelines() -> dict[str, Any]:
@@ -173,7 +236,12 @@ def _convert(value: Any, hint: Any, where: str, default: Any = None) -> Any:
     """Check and convert one YAML value to the field's type (``default``: the field's default)."""
     origin = typing.get_origin(hint)
     if origin is dict:
-        return _pipeline_blocks(value, where, default or {})
+        value_hint = typing.get_args(hint)[1]
+        if value_hint is Any:  # the pipelines: blocks, each of its pipeline's own schema
+            return _pipeline_blocks(value, where, default or {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return {str(k): _convert(v, value_hint, f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
@@ -182,7 +250,13 @@ def _convert(value: Any, hint: Any, where: str, default: Any = None) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
-        return _convert(value, next(a for a in args if a is not type(None)), where)
+        options = [a for a in args if a is not type(None)]
+        for option in options[:-1]:  # the first type the value fits (``int | tuple[int, ...]``)
+            try:
+                return _convert(value, option, where)
+            except ConfigError:
+                pass
+        return _convert(value, options[-1], where)
     if origin is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, list | tuple):

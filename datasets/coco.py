@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from pycocotools.coco import COCO
-
-from datasets.voc import Annotation, DatasetError, read_image
+from rcnn_bench.datasets.voc import Annotation, DatasetError, read_image
 
 __all__ = ["COCODataset", "coco_json", "load_coco"]
 
@@ -60,8 +59,9 @@ def coco_json(
             annotation's own id.
 
     Returns:
-        {"images", "annotations", "categories"}: bbox [x, y, w, h], area w * h, iscrowd 1 for a
-        difficult object, annotation ids 1, 2, ... (COCOeval needs them non-zero).
+        {"images", "annotations", "categories"}: bbox [x, y, w, h], area the annotation's
+        ``coco_areas`` (a COCO file's own, else w * h), iscrowd 1 for a difficult object,
+        annotation ids 1, 2, ... (COCOeval needs them non-zero).
     """
     image_ids = image_ids or list(range(1, len(annotations) + 1))
     images, objects = [], []
@@ -74,8 +74,8 @@ def coco_json(
                 "width": ann.size[1],
             }
         )
-        for box, label, difficult in zip(
-            ann.boxes.tolist(), ann.labels, ann.difficult, strict=True
+        for box, label, difficult, area in zip(
+            ann.boxes.tolist(), ann.labels, ann.difficult, ann.coco_areas.tolist(), strict=True
         ):
             w, h = box[2] - box[0], box[3] - box[1]
             objects.append(
@@ -84,7 +84,7 @@ def coco_json(
                     "image_id": number,
                     "category_id": int(label),
                     "bbox": [box[0], box[1], w, h],
-                    "area": w * h,
+                    "area": area,
                     "iscrowd": int(difficult),
                 }
             )
@@ -180,7 +180,7 @@ class COCODataset:
                 self.ann_file,
                 f"image id {image['id']} has no positive width and height; add them to its entry",
             )
-        boxes, classes, crowd = [], [], []
+        boxes, classes, crowd, areas = [], [], [], []
         for ann in anns:
             where = f"annotation {ann.get('id')} of image id {image['id']}"
             if ann.get("category_id") not in labels:
@@ -192,12 +192,16 @@ class COCODataset:
             boxes.append(self._box(ann, where, width, height))
             classes.append(labels[ann["category_id"]])
             crowd.append(bool(ann.get("iscrowd", 0)))
+            area = ann.get("area")
+            x1, y1, x2, y2 = boxes[-1]
+            areas.append(area if _is_number(area) and area > 0 else (x2 - x1) * (y2 - y1))
         return Annotation(
             image_id=str(image["id"]),
             size=(int(height), int(width)),
             boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
             labels=np.asarray(classes, dtype=np.int64),
             difficult=np.asarray(crowd, dtype=bool),
+            areas=np.asarray(areas, dtype=np.float64),
         )
 
     def _box(self, ann: dict, where: str, width: float, height: float) -> tuple[float, ...]:

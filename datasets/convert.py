@@ -15,8 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
-from datasets.coco import COCODataset, coco_json
-from datasets.voc import DatasetError, VOCDataset, write_annotation
+from rcnn_bench.datasets.coco import COCODataset, coco_json
+from rcnn_bench.datasets.voc import DatasetError, VOCDataset, write_annotation
 
 __all__ = ["coco_to_voc", "voc_split_names", "voc_to_coco"]
 

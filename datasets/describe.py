@@ -1,19 +1,22 @@
 """What a split holds: images, objects per class and per COCO size, and proposal recall.
 
-COCO's size classes go by box area w * h: small below 32^2 pixels, medium below 96^2, large from
-96^2 up. Recall counts a non-difficult object as found when some proposal overlaps it with IoU >= 0.5;
-difficult objects are counted but not recalled, as evaluation ignores them.
+COCO's size classes go by the objects' areas as COCO defines them (a COCO file's own ``area``,
+else the box's w * h): small below 32^2 pixels, medium below 96^2, large from 96^2 up. Recall counts
+a non-difficult object as found when some proposal overlaps it with IoU >= 0.5; difficult objects are
+counted but not recalled, as evaluation ignores them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
+from rcnn_bench.datasets.voc import Annotation
 
-from datasets.voc import Annotation
+__all__ = ["DEGENERATE_EXAMPLES", "SIZES", "describe", "size_classes"]
 
-__all__ = ["SIZES", "box_sizes", "describe"]
+DEGENERATE_EXAMPLES = 5  # degenerate boxes named by image id and class, in the split's order
 
 SIZES = ("small", "medium", "large")
 
@@ -26,9 +29,8 @@ class _Split(Protocol):
     def __len__(self) -> int: ...
 
 
-def box_sizes(boxes: np.ndarray) -> np.ndarray:
-    """COCO size class of xyxy boxes (N, 4): int (N,), 0 small, 1 medium, 2 large (index SIZES)."""
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+def size_classes(area: np.ndarray) -> np.ndarray:
+    """COCO size class of areas (N,): int (N,), 0 small, 1 medium, 2 large (index SIZES)."""
     return np.searchsorted(np.array([32.0**2, 96.0**2]), area, side="right")
 
 
@@ -62,30 +64,74 @@ def _recall(names: list[str], keys: np.ndarray, found: np.ndarray) -> dict[str, 
     }
 
 
-def describe(dataset: _Split, proposals_boxes: list[np.ndarray] | None = None) -> dict:
+def _degenerate(dataset: _Split, names: list[str]) -> dict:
+    """Boxes at most one pixel wide or tall: how many per class, and the first few by name."""
+    per_class = dict.fromkeys(names, 0)
+    examples = []
+    for a in dataset.annotations:
+        wh = a.boxes[:, 2:] - a.boxes[:, :2]
+        for k in np.flatnonzero((wh <= 1).any(axis=1)):
+            name = names[int(a.labels[k]) - 1]
+            per_class[name] += 1
+            if len(examples) < DEGENERATE_EXAMPLES:
+                examples.append(f"{a.image_id}: {name} {wh[k, 0]:g}x{wh[k, 1]:g}")
+    return {"count": sum(per_class.values()), "per_class": per_class, "examples": examples}
+
+
+def _below(
+    anns: list[Annotation], names: list[str], keys: np.ndarray, keep: np.ndarray, floor: Callable
+) -> dict[str, float | None]:
+    """Per class, the share of kept objects whose side (sqrt of the box's area) is below
+    ``floor((H, W))`` of their image (None where a class has no kept object)."""
+    sides = np.concatenate(
+        [np.sqrt(np.prod(a.boxes[:, 2:].astype(np.float64) - a.boxes[:, :2], axis=1)) for a in anns]
+    )
+    limits = np.concatenate([np.full(len(a.boxes), floor(a.size), np.float64) for a in anns])
+    return _recall(names, keys[keep], (sides < limits)[keep])
+
+
+def describe(
+    dataset: _Split,
+    proposals_boxes: list[np.ndarray] | None = None,
+    floors: dict[str, tuple[str, str | None, Callable[[tuple[int, int]], float]]] | None = None,
+) -> dict:
     """Describe one split.
 
     Args:
         dataset: a VOCDataset or COCODataset (anything with split, classes, annotations, len).
         proposals_boxes: float (Ri, 4) xyxy proposals per image, in the dataset's order, or None.
+        floors: per pipeline, (what its unit of view is, the config key that moves it or None, and
+            (H, W) -> the side in that image's pixels of an object one unit across).
 
     Returns:
         {"split", "images", "objects": {class: {"non_difficult", "difficult"}}, "sizes": {"small",
-        "medium", "large": {"non_difficult", "difficult"}}}, and with proposals "recall_iou50":
-        {"per_class": {class: float | None}, "per_size": {size: float | None}} over non-difficult
-        objects (None where there are none).
+        "medium", "large": {"non_difficult", "difficult"}}, "degenerate": {"count", "per_class":
+        {class: int}, "examples": ["<image id>: <class> <w>x<h>", ...]}}; with proposals
+        "recall_iou50": {"per_class": {class: float | None}, "per_size": {size: float | None}} over
+        non-difficult objects (None where there are none); with floors "below_floor": {pipeline:
+        {"unit", "knob", "per_class": {class: share of non-difficult objects below it | None}}}.
     """
     anns = dataset.annotations
     labels = np.concatenate([a.labels for a in anns]).astype(np.int64) - 1
     difficult = np.concatenate([a.difficult for a in anns]).astype(bool)
-    sizes = np.concatenate([box_sizes(a.boxes) for a in anns]).astype(np.int64)
+    sizes = np.concatenate([size_classes(a.coco_areas) for a in anns]).astype(np.int64)
     names = list(dataset.classes)
     out = {
         "split": dataset.split,
         "images": len(dataset),
         "objects": _counts(names, labels, difficult),
         "sizes": _counts(list(SIZES), sizes, difficult),
+        "degenerate": _degenerate(dataset, names),
     }
+    if floors:
+        out["below_floor"] = {
+            name: {
+                "unit": unit,
+                "knob": knob,
+                "per_class": _below(anns, names, labels, ~difficult, side),
+            }
+            for name, (unit, knob, side) in floors.items()
+        }
     if proposals_boxes is None:
         return out
     if len(proposals_boxes) != len(anns):

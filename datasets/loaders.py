@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datasets.coco import COCODataset
-from datasets.voc import VOCDataset
+from rcnn_bench.datasets.coco import COCODataset
+from rcnn_bench.datasets.voc import VOCDataset
 
 __all__ = ["DATASET_KINDS", "open_splits"]
 

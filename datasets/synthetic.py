@@ -16,9 +16,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from rcnn_bench.datasets.voc import Annotation, write_annotation
 from tqdm import tqdm
-
-from datasets.voc import Annotation, write_annotation
 
 __all__ = ["SYNTHETIC_CLASSES", "SyntheticConfig", "draw_images", "generate"]
 

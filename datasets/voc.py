@@ -82,6 +82,8 @@ class Annotation:
         boxes: float32 (N, 4) xyxy, 0-based.
         labels: int64 (N,), classes 1..K (0 is background and never appears here).
         difficult: bool (N,), VOC's difficult flag.
+        areas: float (N,), each object's area as a COCO file gives it (its segmentation's, which
+            COCO's size classes go by), or None: the box's w * h (VOC, synthetic data).
     """
 
     image_id: str
@@ -89,6 +91,15 @@ class Annotation:
     boxes: np.ndarray
     labels: np.ndarray
     difficult: np.ndarray
+    areas: np.ndarray | None = None
+
+    @property
+    def coco_areas(self) -> np.ndarray:
+        """float64 (N,): the area COCO's evaluation and size classes use (``areas``, else w * h)."""
+        if self.areas is not None:
+            return np.asarray(self.areas, np.float64)
+        wh = self.boxes[:, 2:].astype(np.float64) - self.boxes[:, :2]
+        return wh[:, 0] * wh[:, 1]
 
 
 _JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"

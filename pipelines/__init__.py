@@ -1,1 +1,3 @@
-"""R-CNN and Fast R-CNN, and what they share: backbones, proposals, box coding, sampling, timing."""
+"""The four detectors (R-CNN, Fast R-CNN, SPPnet, Faster R-CNN), one paper file each, the Detector
+interface and registry they register in, the parts they compose (parts/) and the runtime helpers they
+and the harness use (runtime/)."""

@@ -1,95 +1,23 @@
-"""The Detector interface the harness times, and the test-time steps both detectors share.
+"""The Detector interface the harness times: what a pipeline declares, builds, trains and detects with.
 
-Shapes: R proposals, K object classes (labels 1..K, background 0), M candidate detections.
+Shapes: R proposals, K object classes (labels 1..K, background 0).
 """
 
 from __future__ import annotations
 
 import abc
-import copy
 import dataclasses
-import heapq
-import math
-import shutil
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
-import torch
+from rcnn_bench.pipelines.context import BuildContext, PaperFigures
+from rcnn_bench.pipelines.originals import Table
+from rcnn_bench.pipelines.parts.detections import Detections, TrainData
+from rcnn_bench.pipelines.parts.floors import ObjectFloor
+from rcnn_bench.pipelines.parts.scoring import ScoreBudget
+from rcnn_bench.pipelines.runtime.timing import StageTimer
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
 
-from datasets.voc import Annotation
-from pipelines.backbones import IMAGENET_MEAN, IMAGENET_STD
-from pipelines.boxes import clip_boxes
-from pipelines.fidelity import Setting, setting
-from pipelines.registry import BuildContext, PaperFigures
-from pipelines.timing import StageTimer
-
-__all__ = [
-    "TEST_TOPK",
-    "Detections",
-    "Detector",
-    "ScoreBudget",
-    "TrainData",
-    "candidates",
-    "free_disk",
-    "normalize_image",
-    "select",
-    "test_time_rows",
-]
-
-# How test-time candidates are chosen (a pipeline config's ``test_topk``): "fixed" keeps the (region,
-# class) pairs above a fixed score and at most ``max_per_class`` per class after NMS; "adaptive" is the
-# originals' per-class budget (ScoreBudget).
-TEST_TOPK = ("fixed", "adaptive")
-
-
-@dataclass
-class Detections:
-    """One image's detections, on the CPU, sorted by descending score.
-
-    Attributes:
-        boxes: Tensor[D, 4] xyxy in the image's pixels.
-        scores: Tensor[D].
-        labels: Tensor[D] int64, 1..K.
-    """
-
-    boxes: Tensor
-    scores: Tensor
-    labels: Tensor
-
-    @classmethod
-    def empty(cls) -> Detections:
-        return cls(torch.zeros((0, 4)), torch.zeros(0), torch.zeros(0, dtype=torch.long))
-
-
-@dataclass
-class TrainData:
-    """A training split in memory: decoded images, their annotations and shared proposals.
-
-    Attributes:
-        images: list of RGB uint8 (H, W, 3) arrays.
-        annotations: one per image.
-        proposals: list of float32 (Ri, 4) xyxy boxes, one per image (without ground truth).
-        num_classes: K.
-        train_difficult: whether difficult objects are training targets (both originals train on
-            every object, difficult ones included: docs/design.md).
-    """
-
-    images: list[np.ndarray]
-    annotations: list[Annotation]
-    proposals: list[np.ndarray]
-    num_classes: int
-    train_difficult: bool = False
-
-    def ground_truth(self, i: int) -> tuple[Tensor, Tensor]:
-        """The training targets of image i: boxes (Tensor[G, 4]) and labels (Tensor[G]), difficult
-        objects included only with ``train_difficult``."""
-        ann = self.annotations[i]
-        keep = np.ones(len(ann.labels), bool) if self.train_difficult else ~ann.difficult
-        return torch.from_numpy(ann.boxes[keep]), torch.from_numpy(ann.labels[keep])
+__all__ = ["Detector"]
 
 
 class Detector(abc.ABC):
@@ -135,6 +63,7 @@ class Detector(abc.ABC):
     train_stages: ClassVar[tuple[str, ...]] = ()
     fixed_stages: ClassVar[tuple[str, ...]] = ()  # training stages that take as long on any data
     paper: ClassVar[PaperFigures | None] = None
+    originals: ClassVar[Table | None] = None  # the original's settings (pipelines.originals)
     stage_groups: ClassVar[dict[str, str]] = {}
     variant_papers: ClassVar[
         dict[str, str]
@@ -149,6 +78,7 @@ class Detector(abc.ABC):
         self.cfg = cfg
         self.num_classes = context.num_classes
         self.device = context.device
+        self.train_seed = context.seed  # added to every seed of ``cfg`` (BuildContext.seed)
         self._budget: ScoreBudget | None = None  # the running test pass's, in "adaptive" test_topk
         self.enabled_variants()  # a variant the pipeline lacks fails here, before any training
 
@@ -189,6 +119,10 @@ class Detector(abc.ABC):
     def test_tensors(self, variant: str | None = None) -> list[Tensor]:
         """Tensors outside modules that run at test time (SVM weights, regressors)."""
         return []
+
+    def object_floor(self) -> ObjectFloor | None:
+        """The smallest object this pipeline resolves (see ObjectFloor); None: no such floor."""
+        return None
 
     def model_size(self, variant: str | None = None) -> dict[str, int]:
         """Parameters and bytes of the model actually run at test time in ``variant``."""
@@ -241,10 +175,11 @@ class Detector(abc.ABC):
             return self._budget
         return ScoreBudget(self.num_classes, self.cfg.max_per_image, None)
 
-    @classmethod
-    def fidelity(cls, cfg: Any) -> list:
-        """This pipeline's settings beside its original's (pipelines.fidelity.Setting rows)."""
-        return []
+    def training_split(self, data: TrainData) -> TrainData:
+        """``data`` as this pipeline trains on it: difficult objects are training targets when its
+        block's ``use_difficult`` is true (R-CNN, Fast R-CNN and SPPnet train on them,
+        py-faster-rcnn does not: docs/design.md), not where the block has no such setting."""
+        return dataclasses.replace(data, train_difficult=getattr(self.cfg, "use_difficult", False))
 
     @classmethod
     def cache_bytes(
@@ -320,200 +255,3 @@ class Detector(abc.ABC):
     def paper_schedule(self, stages_s: dict[str, float]) -> dict:
         """Training hours extrapolated to the paper's iteration count, from measured stage times:
         {"iterations_run", "paper_iterations", "hours"}."""
-
-
-def free_disk(folder: Path) -> int:
-    """Free bytes on the file system that holds ``folder`` (or its nearest existing parent)."""
-    folder = Path(folder).absolute()
-    while not folder.exists():
-        folder = folder.parent
-    return shutil.disk_usage(folder).free
-
-
-def normalize_image(image: Tensor) -> Tensor:
-    """Tensor[H, W, 3] uint8 RGB -> Tensor[3, H, W] float, ImageNet mean subtracted and std divided.
-
-    After this, zero is the mean colour: what R-CNN puts outside the image and what padding adds.
-    """
-    x = image.permute(2, 0, 1).float().div_(255.0)
-    mean = x.new_tensor(IMAGENET_MEAN)[:, None, None]
-    std = x.new_tensor(IMAGENET_STD)[:, None, None]
-    return (x - mean) / std
-
-
-def candidates(scores: Tensor, score_thresh: float) -> tuple[Tensor, Tensor]:
-    """Which (proposal, class) pairs go on to box regression and NMS.
-
-    Args:
-        scores (Tensor[R, K]): per-class scores of classes 1..K.
-        score_thresh: keep pairs scoring above this.
-
-    Returns:
-        (Tensor[M], Tensor[M]): proposal index and class index (0-based, so label = index + 1).
-    """
-    return torch.nonzero(scores > score_thresh, as_tuple=True)
-
-
-class ScoreBudget:
-    """The originals' test-time candidate rule (rcnn_test.m:44-103, lib/fast_rcnn/test.py:251-317).
-
-    Per class, an image's candidates are its regions scoring above the class's threshold, at most
-    ``max_per_image`` of them (the highest), before NMS. Over a pass, a min-heap per class holds the
-    ``max_per_set`` highest candidate scores so far; once more than that many were kept, the threshold
-    is the heap's minimum, so it rises as the class's budget fills. At the end, ``prune`` drops the
-    detections below each class's final threshold. NMS and this prune commute (a detection removed by
-    the prune cannot have been needed to suppress one that stays, which scores no higher), so each
-    image's NMS may run at once.
-    """
-
-    def __init__(self, num_classes: int, max_per_image: int, max_per_set: int | None):
-        """``max_per_set`` None: a budget that records nothing (thresholds stay -inf)."""
-        if max_per_image < 1 or (max_per_set is not None and max_per_set < 1):
-            raise ValueError("a test-time budget needs max_per_image and max_per_set >= 1")
-        self.max_per_image = max_per_image
-        self.max_per_set = max_per_set
-        self.thresholds = [-math.inf] * num_classes
-        self.kept: list[list[float]] = [[] for _ in range(num_classes)]  # one min-heap per class
-        self.counts = [0] * num_classes  # candidates kept so far, per class
-
-    def candidates(self, scores: Tensor) -> tuple[Tensor, Tensor]:
-        """One image's candidates, recorded in the budget.
-
-        Args:
-            scores (Tensor[R, K]): per-class scores of classes 1..K.
-
-        Returns:
-            (Tensor[M], Tensor[M]): proposal index and class index (0-based), highest-ranked first.
-        """
-        thresh = scores.new_tensor(self.thresholds)
-        n = min(self.max_per_image, scores.shape[0])
-        top, rows = torch.where(scores > thresh, scores, -math.inf).topk(n, dim=0)  # (n, K)
-        keep = top > thresh  # drops the -inf fill of classes with fewer than n above threshold
-        if self.max_per_set is not None:
-            for j, column in enumerate(torch.where(keep, top, -math.inf).T.tolist()):
-                self._record(j, [v for v in column if v > -math.inf])
-        cls = torch.arange(scores.shape[1], device=scores.device).expand_as(rows)
-        return rows[keep], cls[keep]
-
-    @classmethod
-    def merge(cls, budgets: list[ScoreBudget]) -> ScoreBudget:
-        """The budget of one test pass from the budgets of disjoint shares of its images (one per
-        process under torchrun), each begun with the whole pass's ``max_per_set``.
-
-        A class's threshold after a pass is the ``max_per_set``-th highest candidate score once more
-        than ``max_per_set`` candidates were kept, in whatever order the images came: a candidate
-        that a share's lower running threshold let in scores no higher than the one pass's threshold
-        at that point, so it changes neither the top ``max_per_set`` nor, after ``prune``, the
-        detections (to exact ties in score).
-        """
-        first = budgets[0]
-        out = cls(len(first.thresholds), first.max_per_image, first.max_per_set)
-        for j in range(len(out.thresholds)):
-            kept = sorted(v for b in budgets for v in b.kept[j])  # ascending: a min-heap
-            out.kept[j] = kept[-first.max_per_set :]
-            out.counts[j] = sum(b.counts[j] for b in budgets)
-            if out.counts[j] > first.max_per_set:
-                out.thresholds[j] = out.kept[j][0]
-        return out
-
-    def copy(self) -> ScoreBudget:
-        """An independent copy (the heaps hold floats: copying the lists is enough)."""
-        out = copy.copy(self)
-        out.thresholds, out.counts = list(self.thresholds), list(self.counts)
-        out.kept = [list(heap) for heap in self.kept]
-        return out
-
-    def _record(self, j: int, kept: list[float]) -> None:
-        heap = self.kept[j]
-        for v in kept:
-            heapq.heappush(heap, v)
-        self.counts[j] += len(kept)
-        if self.counts[j] > self.max_per_set:
-            while len(heap) > self.max_per_set:
-                heapq.heappop(heap)
-            self.thresholds[j] = heap[0]
-
-    def prune(self, detections: list[Detections], keep_ties: bool) -> list[Detections]:
-        """Each image's detections without those below their class's final threshold (with
-        ``keep_ties`` false, without those equal to it too)."""
-        thresh = torch.tensor([-math.inf, *self.thresholds])  # indexed by label
-        out = []
-        for d in detections:
-            limit = thresh[d.labels].to(d.scores.dtype)
-            keep = d.scores >= limit if keep_ties else d.scores > limit
-            out.append(Detections(d.boxes[keep], d.scores[keep], d.labels[keep]))
-        return out
-
-
-def select(
-    boxes: Tensor,
-    scores: Tensor,
-    labels: Tensor,
-    size: tuple[int, int],
-    nms_iou: float,
-    max_per_class: int,
-) -> Detections:
-    """Clip, per-class NMS, and at most ``max_per_class`` per class (the highest scoring).
-
-    Args:
-        boxes (Tensor[M, 4]): candidate boxes (already regressed).
-        scores (Tensor[M]): their scores.
-        labels (Tensor[M]): their classes 1..K.
-        size: the image's (H, W).
-        nms_iou: suppress a box overlapping a higher-scoring box of its class more than this (0.3).
-        max_per_class: detections kept per class (100).
-
-    Returns:
-        Detections on the CPU, highest score first.
-    """
-    if boxes.shape[0] == 0:
-        return Detections.empty()
-    boxes = clip_boxes(boxes, size)
-    area_ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    boxes, scores, labels = boxes[area_ok], scores[area_ok], labels[area_ok]
-    keep = batched_nms(boxes.float(), scores.float(), labels, nms_iou)  # by descending score
-    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    # Rank of each detection within its class: a stable sort by label keeps the score order.
-    by_label, order = torch.sort(labels, stable=True)
-    _, counts = torch.unique_consecutive(by_label, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(by_label.numel(), device=labels.device) - starts.repeat_interleave(counts)
-    kept = torch.sort(order[rank < max_per_class]).values
-    return Detections(
-        boxes[kept].float().cpu(), scores[kept].float().cpu(), labels[kept].long().cpu()
-    )
-
-
-def test_time_rows(pipeline: str, cfg: Any, sources: dict[str, str]) -> list[Setting]:
-    """Fidelity rows of the test-time candidate rule (both originals: the adaptive budget, no fixed
-    score threshold, NMS 0.3).
-
-    Args:
-        pipeline: whose rule it is.
-        cfg: a config with test_topk, max_per_image, max_per_set_factor, score_thresh,
-            max_per_class and nms_iou.
-        sources: where the original sets each: "rule", "per_image", "per_set", "threshold", "nms".
-    """
-    adaptive = cfg.test_topk == "adaptive"
-    per_image = cfg.max_per_image if adaptive else f"none ({cfg.max_per_class} after NMS)"
-    per_set = cfg.max_per_set_factor if adaptive else "none"
-    threshold = "none" if adaptive else cfg.score_thresh
-    return [
-        setting(pipeline, "test-time candidates", "adaptive", sources["rule"], cfg.test_topk),
-        setting(
-            pipeline,
-            "candidates per class and image, before NMS",
-            100,
-            sources["per_image"],
-            per_image,
-        ),
-        setting(
-            pipeline,
-            "candidates per class over the test set, per image",
-            40,
-            sources["per_set"],
-            per_set,
-        ),
-        setting(pipeline, "fixed score threshold", "none", sources["threshold"], threshold),
-        setting(pipeline, "NMS IoU", 0.3, sources["nms"], cfg.nms_iou),
-    ]

@@ -7,7 +7,7 @@ ratios, 3 x 3), R proposals, P pooled side, D fc7 width, K classes.
     rpn:        map -> 3x3 conv (C channels) -> objectness (N, A, h, w) and deltas (N, 4A, h, w);
                 the h*w*A anchors moved by their deltas, the top ``pre_nms`` by objectness, clipped,
                 NMS at 0.7, the top ``post_nms`` kept -> proposals (R, 4)
-    roi_pool, fc, classifier, bbox_reg, nms: Fast R-CNN's head (pipelines.fast_rcnn.head_detections)
+    roi_pool, fc, classifier, bbox_reg, nms: Fast R-CNN's head (parts.roi_head.head_detections)
 
 The RPN is torchvision's (AnchorGenerator, RPNHead, RegionProposalNetwork). Its anchors are centred on
 the top-left pixel of each 16-pixel cell (the original centres them at (7.5, 7.5)); training labels
@@ -17,15 +17,16 @@ smooth L1 (beta 1/9) on the positives' deltas. Unlike py-faster-rcnn it keeps an
 image border in training and drops no proposal for being under 16 pixels.
 
 Training (approximate joint training, py-faster-rcnn's end-to-end recipe): per SGD step
-``images_per_batch`` images (py-faster-rcnn: one image per pass and two passes per step, iter_size 2),
-mirrored at random; the trunk's first ``frozen_convs`` convolutions fixed (py-faster-rcnn: conv1_1 to
-conv2_2 of VGG16) and biases at the solver's bias multiplier; loss = the RPN's two losses + Fast R-CNN's
-detection loss on 128 RoIs per image drawn from that image's proposals (detached: no gradient flows
-through the proposal boxes) and its ground-truth boxes, 25% foreground (IoU >= 0.5), background in
-``bg_iou`` (py-faster-rcnn's end-to-end recipe: [0, 0.5)). Settings from py-faster-rcnn:
-lib/fast_rcnn/config.py (RPN_*, BATCH_SIZE 128), experiments/cfgs/faster_rcnn_end2end.yml
-(IMS_PER_BATCH 1, BG_THRESH_LO 0), models/VGG16/faster_rcnn_end2end/solver.prototxt (lr 0.001, step
-50k, iter_size 2), experiments/scripts/faster_rcnn_end2end.sh (70k iterations on VOC07); ``fidelity``
+``images_per_batch`` images, each through the network alone and unpadded, their gradients accumulated
+(py-faster-rcnn: one image per pass and two passes per step, iter_size 2), mirrored at random; the
+trunk's first ``frozen_convs`` convolutions fixed (py-faster-rcnn: conv1_1 to conv2_2 of VGG16) and
+biases at the solver's bias multiplier; loss = the RPN's two losses + Fast R-CNN's detection loss on 128
+RoIs per image drawn from that image's proposals (detached: no gradient flows through the proposal
+boxes) and its ground-truth boxes, 25% foreground (IoU >= 0.5), background in ``bg_iou``
+(py-faster-rcnn's end-to-end recipe: [0, 0.5)). Settings from py-faster-rcnn: lib/fast_rcnn/config.py
+(RPN_*, BATCH_SIZE 128), experiments/cfgs/faster_rcnn_end2end.yml (IMS_PER_BATCH 1, BG_THRESH_LO 0),
+models/VGG16/faster_rcnn_end2end/solver.prototxt (lr 0.001, step 50k, iter_size 2),
+experiments/scripts/faster_rcnn_end2end.sh (70k iterations on VOC07); pipelines/originals/faster_rcnn.py
 lists each with file:line.
 Test: the top 300 proposals after NMS, then Fast R-CNN's test steps.
 """
@@ -38,30 +39,25 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from rcnn_bench.pipelines.context import BuildContext, PaperFigures
+from rcnn_bench.pipelines.detector import Detector
+from rcnn_bench.pipelines.originals.faster_rcnn import FASTER_RCNN
+from rcnn_bench.pipelines.parts.backbones import layer_multipliers
+from rcnn_bench.pipelines.parts.batches import draw_image
+from rcnn_bench.pipelines.parts.boxes import flip_boxes
+from rcnn_bench.pipelines.parts.conv_map import conv_map, prepare_image
+from rcnn_bench.pipelines.parts.detections import Detections, TrainData
+from rcnn_bench.pipelines.parts.floors import ObjectFloor, conv_cell_floor
+from rcnn_bench.pipelines.parts.roi_head import head_detections, head_loss, new_heads, sample_rois
+from rcnn_bench.pipelines.parts.sampling import match, with_ground_truth
+from rcnn_bench.pipelines.parts.training import SolverConfig, param_groups, run_sgd
+from rcnn_bench.pipelines.registry import register
+from rcnn_bench.pipelines.runtime import distributed
+from rcnn_bench.pipelines.runtime.timing import StageTimer
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-
-from pipelines import distributed
-from pipelines.backbones import layer_multipliers
-from pipelines.boxes import flip_boxes
-from pipelines.detector import Detections, Detector, TrainData
-from pipelines.fast_rcnn import (
-    conv_map,
-    draw_image,
-    head_detections,
-    head_loss,
-    new_heads,
-    pad_images,
-    prepare_image,
-    sample_rois,
-)
-from pipelines.fidelity import FASTER_RCNN_REPO, Setting, setting
-from pipelines.registry import BuildContext, PaperFigures, register
-from pipelines.sampling import match, with_ground_truth
-from pipelines.timing import StageTimer
-from pipelines.training import SolverConfig, param_groups, run_sgd, solver_rows
 
 __all__ = ["FasterRCNN", "FasterRCNNConfig", "build_rpn", "propose"]
 
@@ -78,7 +74,9 @@ class FasterRCNNConfig:
     frozen_convs: int = (
         0  # leading convolutions of the trunk not trained (4 for VGG16 in the original)
     )
-    images_per_batch: int = 2
+    images_per_batch: int = 2  # per SGD step, one per forward pass (py-faster-rcnn: iter_size 2)
+    use_difficult: bool = False  # difficult objects are training targets too (the original: false)
+    new_lr_mult: float = 1.0  # the new layers' (RPN, cls_score, bbox_pred) learning-rate multiplier
     rois_per_image: int = 128
     fg_fraction: float = 0.25
     fg_iou: float = 0.5
@@ -157,6 +155,7 @@ class FasterRCNN(Detector):
     name = "faster_rcnn"
     label = "Faster R-CNN"
     config_class = FasterRCNNConfig
+    originals = FASTER_RCNN
     owns_proposals = True
     train_stages = ("train",)
     stage_groups: ClassVar[dict[str, str]] = {
@@ -187,9 +186,9 @@ class FasterRCNN(Detector):
         # As Fast R-CNN's: built here, so that a frozen_convs the trunk lacks fails before training.
         self.train_layers = [
             *layer_multipliers(self.net, cfg.frozen_convs),
-            (self.rpn, 1.0),
-            (self.cls_score, 1.0),
-            (self.bbox_pred, 1.0),
+            (self.rpn, cfg.new_lr_mult),
+            (self.cls_score, cfg.new_lr_mult),
+            (self.bbox_pred, cfg.new_lr_mult),
         ]
         distributed.check_split(cfg.images_per_batch, f"pipelines.{self.name}.images_per_batch")
 
@@ -210,9 +209,10 @@ class FasterRCNN(Detector):
         # The RPN draws its anchors with torch's global RNG: seed it for this run only.
         devices = [self.device] if self.device.type == "cuda" else []
         with timer.stage("train"), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.cfg.solver.seed + distributed.rank())
+            torch.manual_seed(self.cfg.solver.seed + self.train_seed + distributed.rank())
             loss_fn = self._loss_fn(data, usable, rpn_losses)
-            losses = run_sgd(params, self.cfg.solver, loss_fn, "faster r-cnn train")
+            passes = len(distributed.share(self.cfg.images_per_batch))
+            losses = run_sgd(params, self.cfg.solver, loss_fn, "faster r-cnn train", passes)
         self.net.eval()
         self.rpn.eval()
         return {
@@ -223,42 +223,46 @@ class FasterRCNN(Detector):
     def _loss_fn(
         self, data: TrainData, usable: list[int], rpn_losses: list[float]
     ) -> Callable[[int], Tensor]:
-        """The mini-batch loss for run_sgd; appends each batch's RPN loss to ``rpn_losses``.
+        """One forward pass's loss for run_sgd, which makes one pass per image of this process's
+        share of the mini-batch and accumulates their gradients; appends each pass's RPN loss to
+        ``rpn_losses``.
 
-        Under torchrun every process draws the batch's images and runs its share of them; its loss
-        is the mean over its images times its share of the batch, which with one image per process
-        is py-faster-rcnn's normalisation (one image per pass, iter_size passes averaged). The RPN's
-        anchors (torch's global stream) and the head's RoIs are drawn from streams of each process's
-        own, so training matches one process in batch size, not draw for draw.
+        py-faster-rcnn runs one image per pass (IMS_PER_BATCH 1) and averages iter_size 2 passes per
+        SGD step: each image goes through the network alone, unpadded, and its loss (RPN and head,
+        each normalised over that image's samples) counts 1 / images_per_batch, so the step's loss
+        is the mean of its images' losses. The whole mini-batch's images are drawn at its first
+        pass in every process (one stream for all); under torchrun each process runs its share.
+        The RPN's anchors (torch's global stream) and the head's RoIs are drawn from streams of
+        each process's own, so training matches one process in batch size, not draw for draw.
         """
         cfg = self.cfg
-        gen = torch.Generator().manual_seed(cfg.solver.seed)
-        roi_gen = torch.Generator().manual_seed(cfg.solver.seed + 1 + distributed.rank())
+        seed = cfg.solver.seed + self.train_seed
+        gen = torch.Generator().manual_seed(seed)
+        roi_gen = torch.Generator().manual_seed(seed + 1 + distributed.rank())
         order: list[int] = []
         mine = distributed.share(cfg.images_per_batch)
+        pending: list[tuple[int, bool]] = []  # this process's (image, flipped) still to run
 
         def loss_fn(_: int) -> Tensor:
-            images, gts, gt_labels = [], [], []
-            for n in range(cfg.images_per_batch):
-                i = draw_image(order, usable, gen)
-                flip = cfg.flip and bool(torch.rand((), generator=gen) < 0.5)
-                if n not in mine:
-                    continue
-                x, s = prepare_image(
-                    torch.from_numpy(data.images[i]).to(self.device), cfg.scale, cfg.max_size, flip
-                )
-                boxes, labels = data.ground_truth(i)
-                if flip:
-                    boxes = flip_boxes(boxes, data.images[i].shape[1])
-                images.append(x)
-                gts.append(boxes * s)
-                gt_labels.append(labels)
-            batch = pad_images(images)
-            features = self.net.trunk(batch)
-            sizes = [(x.shape[1], x.shape[2]) for x in images]
-            gt_dev = [g.to(self.device) for g in gts]
-            proposals, losses = propose(self.rpn, batch, sizes, features, gt_dev)
-            rois, labels, targets = self._sample(proposals, gts, gt_labels, roi_gen)
+            if not pending:
+                for n in range(cfg.images_per_batch):
+                    i = draw_image(order, usable, gen)
+                    flip = cfg.flip and bool(torch.rand((), generator=gen) < 0.5)
+                    if n in mine:
+                        pending.append((i, flip))
+            i, flip = pending.pop(0)
+            x, s = prepare_image(
+                torch.from_numpy(data.images[i]).to(self.device), cfg.scale, cfg.max_size, flip
+            )
+            boxes, labels = data.ground_truth(i)
+            if flip:
+                boxes = flip_boxes(boxes, data.images[i].shape[1])
+            features = self.net.trunk(x[None])
+            gt = boxes * s
+            proposals, losses = propose(
+                self.rpn, x[None], [(x.shape[1], x.shape[2])], features, [gt.to(self.device)]
+            )
+            rois, labels, targets = self._sample(proposals, [gt], [labels], roi_gen)
             rpn_loss = losses["loss_objectness"] + losses["loss_rpn_box_reg"]
             rpn_losses.append(float(rpn_loss.detach()))
             head = head_loss(
@@ -270,7 +274,7 @@ class FasterRCNN(Detector):
                 targets.to(self.device),
                 cfg.bbox_loss_weight,
             )
-            return (head + rpn_loss) * len(mine) / cfg.images_per_batch
+            return (head + rpn_loss) / cfg.images_per_batch
 
         return loss_fn
 
@@ -296,6 +300,9 @@ class FasterRCNN(Detector):
     def paper_schedule(self, stages_s: dict[str, float]) -> dict:
         return self.cfg.solver.paper_schedule(stages_s["train"])
 
+    def object_floor(self) -> ObjectFloor:
+        return conv_cell_floor(self.name, self.net.stride, self.cfg.scale, self.cfg.max_size)
+
     # -- inference --------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -314,100 +321,3 @@ class FasterRCNN(Detector):
         return head_detections(
             self.net, self.net.head, heads, features, proposals, s, size, cfg, timer
         )
-
-    @classmethod
-    def fidelity(cls, cfg: FasterRCNNConfig) -> list[Setting]:
-        """Faster R-CNN's settings beside py-faster-rcnn's end-to-end VGG16 recipe on VOC07."""
-        repo = FASTER_RCNN_REPO
-        models = "models/pascal_voc/VGG16/faster_rcnn_end2end"
-        solver, net = f"{models}/solver.prototxt", f"{models}/train.prototxt"
-        config, end2end = "lib/fast_rcnn/config.py", "experiments/cfgs/faster_rcnn_end2end.yml"
-        anchors = "lib/rpn/generate_anchors.py:37-38"
-        test = "lib/fast_rcnn/test.py"
-        iters = "experiments/scripts/faster_rcnn_end2end.sh:30,55"
-        originals = {
-            "lr": (0.001, f"{solver}:2"),
-            "lr_step": (50000, f"{solver}:3-5"),
-            "momentum": (0.9, f"{solver}:9"),
-            "weight_decay": (0.0005, f"{solver}:10"),
-            "iters": (70000, iters),
-            "paper_iters": (70000, iters),
-            "bias_lr_mult": (2.0, f"{net}:142-147"),
-            "bias_decay": (True, f"{net}:142-147 (no decay_mult: Caffe's default 1)"),
-        }
-        flips = "random (p 1/2)" if cfg.flip else "none"
-        rows = [
-            setting("faster_rcnn", name, original, f"{repo} {source}", value)
-            for name, original, source, value in (
-                (
-                    "leading conv layers frozen",
-                    4,
-                    f"{net}:20-27,45-52,81-88,106-113 (VGG16: conv1_1-conv2_2)",
-                    cfg.frozen_convs,
-                ),
-                ("new layers' learning-rate multiplier", 1.0, f"{net}:374-375,613-618", 1.0),
-                ("shorter side (px)", 600, f"{config}:38,135", cfg.scale),
-                ("longer side at most (px)", 1000, f"{config}:41,138", cfg.max_size),
-                (
-                    "images per SGD step",
-                    2,
-                    f"{end2end}:4 (one per pass), {solver}:16 (iter_size 2)",
-                    cfg.images_per_batch,
-                ),
-                (
-                    "RoIs per image",
-                    128,
-                    f"{config}:47, lib/rpn/proposal_target_layer.py:59",
-                    cfg.rois_per_image,
-                ),
-                ("foreground fraction", 0.25, f"{config}:50", cfg.fg_fraction),
-                ("foreground IoU", 0.5, f"{config}:53", cfg.fg_iou),
-                ("background IoU band", (0.0, 0.5), f"{config}:57, {end2end}:9", cfg.bg_iou),
-                ("training flips", "append", f"{config}:61, lib/fast_rcnn/train.py:116-118", flips),
-                (
-                    "box-target standard deviations",
-                    (0.1, 0.1, 0.2, 0.2),
-                    f"{config}:87-89, {end2end}:5 (means 0)",
-                    cfg.bbox_stds,
-                ),
-                (
-                    "anchor sides (px)",
-                    (128, 256, 512),
-                    f"{anchors} (16 x 8, 16, 32), lib/rpn/anchor_target_layer.py:28-29",
-                    cfg.anchor_sizes,
-                ),
-                ("anchor aspect ratios", (0.5, 1.0, 2.0), anchors, cfg.aspect_ratios),
-                ("RPN positive IoU", 0.7, f"{config}:102, {end2end}:6", cfg.rpn_fg_iou),
-                ("RPN negative IoU, below", 0.3, f"{config}:104", cfg.rpn_bg_iou),
-                ("RPN anchors per image", 256, f"{config}:110, {end2end}:7", cfg.rpn_batch),
-                ("RPN positive fraction, at most", 0.5, f"{config}:108", cfg.rpn_fg_fraction),
-                ("RPN NMS IoU", 0.7, f"{config}:112,158", cfg.rpn_nms_iou),
-                ("RPN top-N before NMS, training", 12000, f"{config}:114", cfg.rpn_pre_nms_train),
-                ("RPN top-N after NMS, training", 2000, f"{config}:116", cfg.rpn_post_nms_train),
-                ("RPN top-N before NMS, test", 6000, f"{config}:160", cfg.rpn_pre_nms_test),
-                ("RPN top-N after NMS, test", 300, f"{config}:162", cfg.rpn_post_nms_test),
-                # What torchvision's RPN does, with no setting here to change it.
-                (
-                    "anchors crossing the image border in the RPN's loss",
-                    "ignored",
-                    "lib/rpn/anchor_target_layer.py:49,109-115",
-                    "kept",
-                ),
-                (
-                    "RPN proposals smaller than this dropped (px, original image)",
-                    16,
-                    f"{config}:118,164, lib/rpn/proposal_layer.py:68",
-                    "none",
-                ),
-                ("test score threshold", 0.05, f"{test}:227,264", cfg.score_thresh),
-                ("NMS IoU", 0.3, f"{config}:142, lib/fast_rcnn/test.py:269", cfg.nms_iou),
-                (
-                    "detections kept per image, after NMS",
-                    "100 over all classes",
-                    f"{test}:227,275-283, tools/test_net.py:49-51",
-                    f"{cfg.max_per_class} per class",
-                ),
-            )
-        ]
-        sources = {key: (value, f"{repo} {source}") for key, (value, source) in originals.items()}
-        return [*solver_rows("faster_rcnn", cfg.solver, sources), *rows]

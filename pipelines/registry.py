@@ -4,31 +4,23 @@ A pipeline is one module in this package that defines a Detector subclass and de
 ``@register``. The class names its config dataclass (``config_class``), declares what it needs and
 offers (``owns_proposals``, ``variants``, ``train_stages``) and carries the paper's figures as data
 (``paper``); the harness asks the class and never names a pipeline. Every registered class is built the
-same way: ``cls(cfg, context)``.
+same way: ``cls(cfg, context)``, ``context`` a pipelines.context.BuildContext.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-import torch
+from rcnn_bench.pipelines.detector import Detector
 
-if TYPE_CHECKING:
-    from pipelines.backbones import Backbone
-    from pipelines.detector import Detector
-
-__all__ = ["BUILTIN_MODULES", "BuildContext", "PaperFigures", "get", "register", "registered"]
+__all__ = ["BUILTIN_MODULES", "get", "register", "registered"]
 
 # The modules that define the built-in pipelines; importing them registers their classes.
 BUILTIN_MODULES = (
-    "pipelines.rcnn",
-    "pipelines.fast_rcnn",
-    "pipelines.sppnet",
-    "pipelines.faster_rcnn",
+    "rcnn_bench.pipelines.rcnn",
+    "rcnn_bench.pipelines.fast_rcnn",
+    "rcnn_bench.pipelines.sppnet",
+    "rcnn_bench.pipelines.faster_rcnn",
 )
 
 # The pipeline speedups are measured against unless a config says otherwise.
@@ -38,43 +30,6 @@ DEFAULT_BASELINE = "rcnn"
 SCHEMA1_PIPELINES = ("rcnn", "fast_rcnn")
 
 _REGISTRY: dict[str, type[Detector]] = {}
-
-
-@dataclass(frozen=True)
-class PaperFigures:
-    """A pipeline's published figures, shown beside a run's (None where the paper gives none).
-
-    Attributes:
-        source: where they come from ("Fast R-CNN paper, Table 4, VGG16, K40 GPU, VOC07 test").
-        train_hours: training time.
-        test_seconds: test time per image, proposals excluded.
-        voc07_map: VOC07 test mAP in percent.
-        end_to_end_seconds: test time per image with the proposals (where the paper gives it).
-    """
-
-    source: str
-    train_hours: float | None = None
-    test_seconds: float | None = None
-    voc07_map: float | None = None
-    end_to_end_seconds: float | None = None
-
-
-@dataclass(frozen=True)
-class BuildContext:
-    """What every pipeline is built from besides its own config block.
-
-    Attributes:
-        num_classes: K (labels 1..K, background 0).
-        device: where its networks run.
-        backbone: returns a fresh copy of the shared backbone with the shared initial weights (each
-            call a new copy, so that pipelines never train each other's weights).
-        cache_dir: where a pipeline may keep training-time files (R-CNN's feature cache).
-    """
-
-    num_classes: int
-    device: torch.device
-    backbone: Callable[[], Backbone]
-    cache_dir: Path
 
 
 def register(cls: type[Detector]) -> type[Detector]:

@@ -27,7 +27,7 @@ cache; about 2 MB per VGG16 image at 600 pixels): from here on the conv layers n
 SPPnet's speed and its limit. "finetune" trains fc6, fc7 and a K+1 softmax layer on
 RoIs sampled as Fast R-CNN's mini-batches (2 images x 64, 25% foreground at IoU >= 0.5, background in
 [0.1, 0.5); no flips, so one map per image). "features", "svm", "bbox_reg" are R-CNN's
-(pipelines.rcnn.train_svm_head): SVMs on fc7, box regressors on the pyramid (as R-CNN uses pool5).
+(parts.svm_head.train_svm_head): SVMs on fc7, box regressors on the pyramid (as R-CNN uses pool5).
 Test: as R-CNN's, on SPP features, at one scale (Fast R-CNN's prepare_image and scale settings).
 """
 
@@ -42,34 +42,31 @@ from typing import ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-from pipelines import distributed
-from pipelines.backbones import Backbone
-from pipelines.boxes import boxes_to_rois
-from pipelines.detector import Detections, Detector, TrainData
-from pipelines.fast_rcnn import (
-    conv_map,
-    draw_image,
-    images_in_band,
-    prepare_image,
-    roi_max_pool,
-)
-from pipelines.fidelity import SPP_NET_REPO, Setting, setting
-from pipelines.rcnn import (
+from rcnn_bench.pipelines.context import BuildContext, PaperFigures
+from rcnn_bench.pipelines.detector import Detector
+from rcnn_bench.pipelines.originals.sppnet import SPPNET
+from rcnn_bench.pipelines.parts.backbones import Backbone
+from rcnn_bench.pipelines.parts.batches import draw_image, images_in_band, training_regions
+from rcnn_bench.pipelines.parts.boxes import boxes_to_rois
+from rcnn_bench.pipelines.parts.conv_map import conv_map, prepare_image
+from rcnn_bench.pipelines.parts.detections import Detections, TrainData
+from rcnn_bench.pipelines.parts.floors import ObjectFloor, conv_cell_floor
+from rcnn_bench.pipelines.parts.roi_pool import roi_max_pool
+from rcnn_bench.pipelines.parts.sampling import Matches, sample_fg_bg
+from rcnn_bench.pipelines.parts.svm import SVMConfig
+from rcnn_bench.pipelines.parts.svm_head import (
     REGION_BYTES,
     SVMHead,
     check_features,
     svm_cache_bytes,
     svm_detections,
     train_svm_head,
-    training_regions,
 )
-from pipelines.registry import BuildContext, PaperFigures, register
-from pipelines.sampling import Matches, sample_fg_bg
-from pipelines.svm import SVMConfig
-from pipelines.timing import StageTimer
-from pipelines.training import SolverConfig, param_groups, run_sgd, solver_rows
+from rcnn_bench.pipelines.parts.training import SolverConfig, param_groups, run_sgd
+from rcnn_bench.pipelines.registry import register
+from rcnn_bench.pipelines.runtime import distributed
+from rcnn_bench.pipelines.runtime.timing import StageTimer
+from torch import Tensor, nn
 
 __all__ = ["SPPnet", "SPPnetConfig", "spatial_pyramid_pool", "spp_head"]
 
@@ -81,13 +78,14 @@ class SPPnetConfig:
     scale: int = 600  # shorter image side after resizing
     max_size: int = 1000  # longer side at most this
     levels: tuple[int, ...] = (1, 2, 3, 6)  # pyramid levels: l x l bins each
-    fc6_seed: int = 0  # seeds the new fc6's initial weights
+    use_difficult: bool = False  # difficult objects are training targets too (the original: true)
+    fc6_seed: int = 0  # seeds the new fc6's initial weights (plus the run's seed)
     # Iterations of conv pre-training on the training split before the trunk is frozen, for a shared
     # backbone that starts from random weights (0: none; backbone.pretrain is the shared stand-in).
     pretrain_iters: int = 0
     # He et al. fine-tune 250k mini-batches at lr 1e-4, then 50k at 1e-5.
     solver: SolverConfig = field(
-        default_factory=lambda: SolverConfig(paper_iters=300000, lr=1e-4, lr_step=250000)
+        default_factory=lambda: SolverConfig(paper_iters=300000, lr=1e-4, lr_steps=(250000,))
     )
     images_per_batch: int = 2
     rois_per_image: int = 64
@@ -155,6 +153,7 @@ class SPPnet(Detector):
     name = "sppnet"
     label = "SPPnet"
     config_class = SPPnetConfig
+    originals = SPPNET
     variants = ("no_bbox_reg",)
     train_stages = (
         "pretrain",
@@ -187,7 +186,7 @@ class SPPnet(Detector):
         self.stride = backbone.stride
         self.fc_dim = backbone.fc_dim
         width = backbone.channels * sum(lv * lv for lv in cfg.levels)
-        self.head = spp_head(backbone.head, width, cfg.fc6_seed).to(self.device)
+        self.head = spp_head(backbone.head, width, cfg.fc6_seed + self.train_seed).to(self.device)
         self.cls = nn.Linear(self.fc_dim, self.num_classes + 1).to(self.device)  # fine-tuning
         nn.init.normal_(self.cls.weight, std=0.01)
         nn.init.zeros_(self.cls.bias)
@@ -211,7 +210,7 @@ class SPPnet(Detector):
         free_bytes: int | None = None,
     ) -> int:
         """fc7 of every training region (unless ``features`` keeps none) and the pyramid of the
-        box-regression examples, in float16 (pipelines.rcnn.svm_cache_bytes)."""
+        box-regression examples, in float16 (parts.svm_head.svm_cache_bytes)."""
         pyramid = backbone.channels * sum(lv * lv for lv in cfg.levels)
         regions = train_images * regions_per_image
         return svm_cache_bytes(cfg.features, regions, backbone.fc_dim, pyramid, free_bytes)
@@ -221,7 +220,7 @@ class SPPnet(Detector):
         cls, cfg: SPPnetConfig, train_images: int, regions_per_image: int, backbone: Backbone
     ) -> int:
         """The float16 conv maps of the training images (at most C x scale/16 x max_size/16 each) and
-        the training regions (pipelines.rcnn.REGION_BYTES each)."""
+        the training regions (parts.svm_head.REGION_BYTES each)."""
         side = backbone.stride
         map_bytes = 2 * backbone.channels * -(-cfg.scale // side) * -(-cfg.max_size // side)
         return train_images * (map_bytes + regions_per_image * REGION_BYTES)
@@ -331,7 +330,7 @@ class SPPnet(Detector):
         ``params``: groups from pipelines.training.param_groups (biases at the solver's multiplier)."""
         cfg = self.cfg
         usable = images_in_band(matches, cfg.fg_iou, cfg.bg_iou, self.name)
-        gen = torch.Generator().manual_seed(solver.seed)
+        gen = torch.Generator().manual_seed(solver.seed + self.train_seed)
         order: list[int] = []
         mine = distributed.share(cfg.images_per_batch)  # as Fast R-CNN's
 
@@ -363,6 +362,9 @@ class SPPnet(Detector):
         other = sum(v for k, v in stages_s.items() if k not in ("finetune", "pretrain"))
         return self.cfg.solver.paper_schedule(stages_s["finetune"], other)
 
+    def object_floor(self) -> ObjectFloor:
+        return conv_cell_floor(self.name, self.stride, self.cfg.scale, self.cfg.max_size)
+
     # -- inference --------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -378,122 +380,3 @@ class SPPnet(Detector):
         size = (image.shape[0], image.shape[1])
         regress = variant != "no_bbox_reg"
         return svm_detections(fc7, pyramid, proposals, self.svms, cfg, size, timer, regress)
-
-    @classmethod
-    def fidelity(cls, cfg: SPPnetConfig) -> list[Setting]:
-        """SPPnet's settings beside ShaoqingRen/SPP_net's VOC07 recipe (its released code is for the
-        ZF-5 network; the paper's VGG16 settings that differ are named in the sources)."""
-        repo = SPP_NET_REPO
-        defs = "model-defs"
-        solver, net = (
-            f"{defs}/pascal_finetune_fc_spm_solver.prototxt",
-            f"{defs}/pascal_finetune_fc_spm_train.prototxt",
-        )
-        script, finetune = "experiments/Script_spp_voc.m", "finetuning/spp_finetune_voc.m"
-        train, test = "spp_train.m", "spp_test.m"
-        bbox = "experiments/spp_exp_bbox_reg_train_and_test_voc.m"
-        max_iter = (
-            f"{solver}:25 (the snapshot kept is the one of lowest validation loss, "
-            f"finetuning/spp_finetune_voc.m:152-164; SPPnetConfig records the paper's 250k + 50k)"
-        )
-        originals = {
-            "lr": (0.001, f"{solver}:15-16 (SPPnetConfig records the paper's 1e-4)"),
-            "lr_step": (30000, f"{solver}:15-21 (three 30k steps, then 1e-5 held)"),
-            "momentum": (0.9, f"{solver}:12"),
-            "weight_decay": (0.0005, f"{solver}:13"),
-            "iters": (200000, max_iter),
-            "paper_iters": (200000, max_iter),
-            "bias_lr_mult": (2.0, f"{net}:28-29,69-70,111-112"),
-        }
-        svm = cfg.svm
-        bias_decay = "fc6, fc7: yes; fc8: no"
-        rows = [
-            setting("sppnet", name, original, f"{repo} {source}", value)
-            for name, original, source, value in (
-                (
-                    "weight decay on biases",
-                    bias_decay,
-                    f"{net}:113-114 (fc8 only; Caffe's default 1 elsewhere)",
-                    "everywhere" if cfg.solver.bias_decay else "nowhere",
-                ),
-                (
-                    "pyramid levels (l x l bins)",
-                    (1, 2, 3, 6),
-                    f"{defs}/Zeiler_conv5.prototxt:248-342, {net}:3 (12800 = 256 x 50 inputs)",
-                    cfg.levels,
-                ),
-                (
-                    "conv layers trained in fine-tuning",
-                    "none",
-                    f"{script}:62-70 (conv5 cached once), {net}:1-10 (fc layers only)",
-                    "none",
-                ),
-                (
-                    "image scales (shorter side, px)",
-                    (480, 576, 688, 874, 1200),
-                    f"{script}:24; per region a random one in fine-tuning ({finetune}:46), the one "
-                    f"nearest 224 x 224 at test (spp_features_convX_to_poolX.m:36-42)",
-                    f"{cfg.scale} (longer at most {cfg.max_size})",
-                ),
-                (
-                    "regions per fine-tuning batch",
-                    128,
-                    f"{finetune}:48",
-                    cfg.images_per_batch * cfg.rois_per_image,
-                ),
-                (
-                    "images a fine-tuning batch's regions come from",
-                    "any (regions pooled over a shuffled run of images)",
-                    f"{finetune}:183-212",
-                    cfg.images_per_batch,
-                ),
-                ("foreground fraction", 0.25, f"{finetune}:51", cfg.fg_fraction),
-                ("foreground IoU", 0.5, f"{finetune}:52", cfg.fg_iou),
-                ("background IoU band", (0.1, 0.5), f"{finetune}:53", cfg.bg_iou),
-                ("fine-tuning flips", "append", f"{script}:27,68,89", "none"),
-                ("SVM features", "fc7", f"{script}:33", "fc7"),
-                ("SVM training flips", "none", f"{script}:34,77", "none"),
-                ("SVM C", 0.001, f"{train}:43", svm.c),
-                ("SVM bias multiplier", 10.0, f"{train}:44", svm.bias_scale),
-                ("SVM positive weight", 2.0, f"{train}:45", svm.pos_weight),
-                (
-                    "features scaled to mean norm",
-                    20.0,
-                    "spp_scale_features.m:11",
-                    cfg.feature_norm,
-                ),
-                ("SVM negatives' IoU, below", 0.3, f"{script}:49", cfg.svm_neg_iou),
-                ("hard negatives join above", -1.0001, f"{train}:450", svm.hard_thresh),
-                ("cached negatives leave below", -1.2, f"{train}:449", svm.evict_thresh),
-                ("SVM retrains after new negatives", 2000, f"{train}:448", svm.retrain_limit),
-                ("box-regression features", "pyramid (conv5)", f"{bbox}:39", "pyramid (conv5)"),
-                ("box-regression ridge lambda", 4000.0, f"{bbox}:40", cfg.bbox_lambda),
-                (
-                    "box-regression examples' IoU, above",
-                    0.5,
-                    f"{bbox}:38, bbox_regression/spp_train_bbox_regressor.m:90",
-                    cfg.bbox_min_iou,
-                ),
-                (
-                    "test score threshold (the original's starting one)",
-                    -1.5,
-                    f"{test}:75",
-                    cfg.score_thresh,
-                ),
-                (
-                    "candidates per class over the test set",
-                    "5 x images (the threshold rises to keep them)",
-                    f"{test}:72,119-141",
-                    "none",
-                ),
-                ("NMS IoU", 0.3, f"{test}:103", cfg.nms_iou),
-                (
-                    "detections per class and image, after NMS",
-                    100,
-                    f"{test}:73,106-107",
-                    cfg.max_per_class,
-                ),
-            )
-        ]
-        sources = {key: (value, f"{repo} {source}") for key, (value, source) in originals.items()}
-        return [*solver_rows("sppnet", cfg.solver, sources), *rows]

@@ -7,8 +7,7 @@ import signal
 
 import pytest
 import torch
-
-from datasets.synthetic import SyntheticConfig, generate
+from rcnn_bench.datasets.synthetic import SyntheticConfig, generate
 
 TINY_DATA = SyntheticConfig(
     seed=3,
@@ -46,8 +45,8 @@ def build_context(num_classes: int, cache_dir=".", backbone_cfg=None):
     """What the harness hands a pipeline's constructor, for one CPU pipeline in a test."""
     from pathlib import Path
 
-    from pipelines.backbones import BackboneConfig, build_backbone, clone
-    from pipelines.registry import BuildContext
+    from rcnn_bench.pipelines.context import BuildContext
+    from rcnn_bench.pipelines.parts.backbones import BackboneConfig, build_backbone, clone
 
     backbone = build_backbone(backbone_cfg or BackboneConfig())
     return BuildContext(num_classes, torch.device("cpu"), lambda: clone(backbone), Path(cache_dir))

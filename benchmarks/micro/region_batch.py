@@ -16,13 +16,12 @@ import statistics
 from pathlib import Path
 
 import torch
-
-from benchmarks.reference import interleaved_times
-from pipelines.backbones import BackboneConfig, build_backbone
-from pipelines.detector import normalize_image
-from pipelines.rcnn import RCNN, RCNNConfig
-from pipelines.registry import BuildContext
-from pipelines.timing import StageTimer
+from rcnn_bench.benchmarks.micro.reference import interleaved_times
+from rcnn_bench.pipelines import registry
+from rcnn_bench.pipelines.context import BuildContext
+from rcnn_bench.pipelines.detector import Detector
+from rcnn_bench.pipelines.parts.backbones import BackboneConfig, build_backbone, normalize_image
+from rcnn_bench.pipelines.runtime.timing import StageTimer
 
 __all__ = ["random_boxes", "region_seconds"]
 
@@ -38,7 +37,9 @@ def random_boxes(n: int, size: tuple[int, int], gen: torch.Generator) -> torch.T
     return torch.cat((xy * scale, (xy + wh) * scale), dim=1)
 
 
-def region_seconds(det: RCNN, image: torch.Tensor, boxes: torch.Tensor, stages: tuple[str, ...]):
+def region_seconds(
+    det: Detector, image: torch.Tensor, boxes: torch.Tensor, stages: tuple[str, ...]
+):
     """A measure for interleaved_times: one RCNN._features pass over ``boxes``, the seconds its
     ``stages`` ("warp", "conv", "fc") took, summed."""
 
@@ -66,8 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     image = normalize_image(torch.randint(0, 256, (*size, 3), dtype=torch.uint8, generator=gen))
     boxes = random_boxes(args.regions, size, gen)
     measures = {}
+    rcnn = registry.get("rcnn")
     for b in args.batches:
-        det = RCNN(RCNNConfig(region_batch=b, variants=()), context)
+        det = rcnn(rcnn.config_class(region_batch=b, variants=()), context)
         measures[b] = region_seconds(det, image, boxes, ("warp", "conv", "fc"))
     times = interleaved_times(measures, args.rounds)
     print(

@@ -1,4 +1,5 @@
-"""pytest-benchmark micro-benchmarks of the stages the two pipelines differ in.
+"""pytest-benchmark micro-benchmarks of the stages R-CNN and Fast R-CNN differ in (warped regions
+through the CNN against one feature map and RoI pooling), and the stages every pipeline shares.
 
 Run with `make microbench` (JSON saved under reports/microbench/ for comparison across commits:
 `pytest-benchmark compare`). Inputs mimic the CPU default: a 192x256 image, 300 proposals, the tiny
@@ -10,12 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from rcnn_bench.pipelines.parts.backbones import BackboneConfig, build_backbone
+from rcnn_bench.pipelines.parts.boxes import boxes_to_rois
+from rcnn_bench.pipelines.parts.proposals import ProposalConfig, selective_search
+from rcnn_bench.pipelines.parts.warp import warp_regions
 from torchvision.ops import batched_nms, roi_pool
-
-from pipelines.backbones import BackboneConfig, build_backbone
-from pipelines.boxes import boxes_to_rois
-from pipelines.proposals import ProposalConfig, selective_search
-from pipelines.warp import warp_regions
 
 R = 300
 

@@ -23,21 +23,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from benchmarks.config import load_config
-from benchmarks.micro.region_batch import random_boxes, region_seconds
-from benchmarks.reference import (
+from rcnn_bench.benchmarks.config import load_config
+from rcnn_bench.benchmarks.micro.reference import (
     TorchvisionFastRCNN,
     assert_same_detections,
     interleaved_times,
     wall_seconds,
 )
-from pipelines.backbones import build_backbone
-from pipelines.detector import normalize_image
-from pipelines.fast_rcnn import DeltaNorm, FastRCNN, head_detections, prepare_image
-from pipelines.rcnn import RCNN
-from pipelines.registry import BuildContext
-from pipelines.timing import StageTimer
+from rcnn_bench.benchmarks.micro.region_batch import random_boxes, region_seconds
+from rcnn_bench.pipelines import registry
+from rcnn_bench.pipelines.context import BuildContext
+from rcnn_bench.pipelines.parts.backbones import build_backbone, normalize_image
+from rcnn_bench.pipelines.parts.conv_map import prepare_image
+from rcnn_bench.pipelines.parts.roi_head import DeltaNorm, head_detections
+from rcnn_bench.pipelines.runtime.timing import StageTimer
 
 CONFIG = Path(__file__).parents[1] / "configs" / "default.yaml"
 K = 20  # VOC's classes
@@ -90,7 +89,7 @@ def fast_rcnn(run_config):
     head_cfg = dataclasses.replace(
         cfg.pipelines["fast_rcnn"], test_topk="fixed", dedup_boxes=0.0, max_per_class=R
     )
-    det = FastRCNN(head_cfg, context)
+    det = registry.get("fast_rcnn")(head_cfg, context)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         det.cls_score.weight.normal_(0, 0.1, generator=gen)
@@ -162,7 +161,7 @@ def test_fast_rcnn_head_against_torchvision_roi_heads(benchmark, fast_rcnn):
 @torch.no_grad()
 def test_rcnn_regions_against_a_batched_forward(benchmark, run_config):
     cfg, context = run_config
-    det = RCNN(dataclasses.replace(cfg.pipelines["rcnn"], variants=()), context)
+    det = registry.get("rcnn")(dataclasses.replace(cfg.pipelines["rcnn"], variants=()), context)
     net, batch = det.net, det.cfg.region_batch
     gen = torch.Generator().manual_seed(0)
     image = normalize_image(torch.randint(0, 256, (192, 256, 3), dtype=torch.uint8, generator=gen))

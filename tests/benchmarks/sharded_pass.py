@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from rcnn_bench.benchmarks.harness.data import TestSet
+from rcnn_bench.benchmarks.harness.inference import TimingPlan, time_pass
+from rcnn_bench.datasets.voc import VOCDataset
+from rcnn_bench.pipelines.fast_rcnn import FastRCNN, FastRCNNConfig
 
-from benchmarks.data import TestSet
-from benchmarks.inference import TimingPlan, time_pass
-from datasets.voc import VOCDataset
-from pipelines.fast_rcnn import FastRCNN, FastRCNNConfig
 from tests.conftest import build_context
 from tests.pipelines.helpers import jittered_proposals
 

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from rcnn_bench.benchmarks.cli import main
+from rcnn_bench.benchmarks.config import load_config
+from rcnn_bench.benchmarks.harness.run import run
 
-from benchmarks.cli import main
-from benchmarks.config import load_config
-from benchmarks.run import run
 from tests.benchmarks.test_run import tiny_overrides
 from tests.conftest import default_sigint
 
@@ -135,6 +135,7 @@ CONFIG_CASES = {
     "unknown key": lambda t: (["pipelines.rcnn.nope=1"], "unknown key 'pipelines.rcnn.nope'"),
     "wrong type": lambda t: (["bench.repeats=many"], "bench.repeats: expected an integer"),
     "negative threads": lambda t: (["threads=-1"], "threads must be >= 0"),
+    "name leaves the output folder": lambda t: (["name=../../x"], "name: '../../x' is not a safe"),
     "warm-up eats the split": lambda t: (["bench.warmup_images=4"], "bench.warmup_images"),
     "more timed images than exist": lambda t: (["bench.timed_images=9"], "bench.timed_images"),
     "baseline not run": lambda t: (["pipelines=fast_rcnn"], "bench.baseline"),
@@ -174,7 +175,7 @@ def test_report_and_compare_on_damaged_results(earlier, tmp_path, capsys):
 
 
 def _cli(tmp_path: Path, extra: list[str] = ()) -> list[str]:
-    cmd = [sys.executable, "-m", "benchmarks.cli", "run", "--config", CONFIG]
+    cmd = [sys.executable, "-m", "rcnn_bench.benchmarks.cli", "run", "--config", CONFIG]
     for item in [*tiny_overrides(tmp_path), *extra]:
         cmd += ["--set", item]
     return cmd

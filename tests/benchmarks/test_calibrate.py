@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from benchmarks.calibrate import latency_drift, tolerances
-from benchmarks.compare import _latency_row
+from rcnn_bench.benchmarks.gate.calibrate import latency_drift, tolerances
+from rcnn_bench.benchmarks.gate.compare import _latency_row
 
 
 def _results(speedup: float, train: float, map_: float) -> dict:
@@ -65,3 +64,28 @@ def test_min_effect_sets_the_smallest_latency_change_that_counts():
     b = {k: v * 1.1 for k, v in a.items()}  # every image 10% slower: Wilcoxon p = 2/2^10
     assert _latency_row("x", a, b)["verdict"] == "worse"  # 10% >= the default 5%
     assert _latency_row("x", a, b, min_effect=0.2)["verdict"] == "same"  # 10% < 20%
+
+
+def test_seed_spread_needs_five_seeds_and_keeps_each_pipelines_spread(monkeypatch, tmp_path):
+    from rcnn_bench.benchmarks.evaluation.seeds import summarize_seeds
+    from rcnn_bench.benchmarks.gate import calibrate
+
+    def fake(maps):
+        runs = {
+            name: [{"seed": s, "voc07": m, "per_class": {}, "curves": []} for s, m in enumerate(v)]
+            for name, v in maps.items()
+        }
+        return {"seeds": summarize_seeds(runs)}
+
+    five = fake({"a": [0.70, 0.74, 0.72, 0.76, 0.68], "b": [0.5] * 5})
+    monkeypatch.setattr(calibrate, "read_results", lambda folder: five)
+    spread = calibrate.seed_spread_of(tmp_path / "run")
+    assert spread["seeds"] == [0, 1, 2, 3, 4] and spread["run"] == "run"
+    a = spread["pipelines"]["a"]  # as test_stats works it out: sd sqrt(0.004 / 4)
+    assert a["mean"] == pytest.approx(0.72) and a["sd"] == pytest.approx(0.0316228, abs=1e-7)
+    assert spread["pipelines"]["b"]["sd"] == 0.0
+    monkeypatch.setattr(calibrate, "read_results", lambda folder: fake({"a": [0.7, 0.8, 0.9]}))
+    with pytest.raises(ValueError, match="at least 5 training seeds"):
+        calibrate.seed_spread_of(tmp_path / "run")
+    with pytest.raises(ValueError, match="at least 5 seeds"):
+        calibrate.calibrate("c.yaml", 3, tmp_path / "b.json", [], tmp_path, seeds=3)

@@ -1,18 +1,28 @@
 from __future__ import annotations
 
+import contextlib
+import io
+
 import numpy as np
 import pytest
 import torch
-
-from benchmarks.coco_eval import coco_metrics, per_class_ap, run_cocoeval
-from benchmarks.evaluation import VOCEvaluator, voc07_ap
-from datasets.synthetic import SYNTHETIC_CLASSES
-from datasets.voc import Annotation
-from pipelines.detector import Detections
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from rcnn_bench.benchmarks.evaluation.coco import (
+    coco_ground_truth,
+    coco_metrics,
+    per_class_ap,
+    run_cocoeval,
+)
+from rcnn_bench.benchmarks.evaluation.voc import VOCEvaluator, voc07_ap
+from rcnn_bench.datasets.synthetic import SYNTHETIC_CLASSES
+from rcnn_bench.datasets.voc import Annotation
+from rcnn_bench.pipelines.parts.detections import Detections
 
 
 def ann(boxes, labels, difficult=None, size=(200, 200)):
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    labels = list(labels)
     difficult = difficult if difficult is not None else [False] * len(labels)
     return Annotation("x", size, boxes, np.asarray(labels, np.int64), np.asarray(difficult, bool))
 
@@ -81,7 +91,7 @@ def test_hand_case_over_iou_thresholds_and_sizes():
         dets([[0, 0, 100, 100], [100, 100, 200, 162]], [0.9, 0.8], [1, 1]),
         dets([[10, 10, 60, 60]], [0.95], [1]),
     ]
-    m = coco_metrics(gt, detections, ("a", "b"), max_dets=100)
+    m = coco_metrics(gt, detections, ("a", "b"))
     # IoU thresholds .5, .55, .6: both objects found, AP 1. From .65 to .95 (seven thresholds) recall
     # stops at 0.5 with precision 1: 101-point AP counts recall points 0, .01, ..., .5, that is 51/101.
     assert m["ap50"] == pytest.approx(1.0)
@@ -108,8 +118,138 @@ def test_arguments_are_checked():
         coco_metrics(gt, [dets([[0, 0, 5, 5]], [0.5], [3])], ("a", "b"))
     with pytest.raises(ValueError, match="2 detection sets for 1 images"):
         coco_metrics(gt, [Detections.empty()] * 2, ("a", "b"))
-    with pytest.raises(ValueError, match="max_dets is 5"):
-        coco_metrics(gt, [Detections.empty()], ("a", "b"), max_dets=5)
+
+
+def test_a_coco_files_own_areas_set_the_size_classes():
+    # A 100 x 100 box (large by w * h) whose file gives it a segmentation area of 500: small for COCO.
+    gt = [
+        Annotation(
+            "x",
+            (200, 200),
+            np.array([[0, 0, 100, 100]], np.float32),
+            np.array([1]),
+            np.array([False]),
+            areas=np.array([500.0]),
+        )
+    ]
+    m = coco_metrics(gt, [dets([[0, 0, 100, 100]], [0.9], [1])], ("a",))
+    assert m["ap_small"] == pytest.approx(1.0)
+    assert m["ap_medium"] is None and m["ap_large"] is None
+
+
+# --- more than 100 detections per image: the COCO protocol's cap -------------------------------
+
+
+def pycocotools_summary(annotations, detections, classes):
+    """pycocotools' own summary of the COCO protocol, built with plain dicts and loops: the ground
+    truth as a COCO file holds it, each image's 100 highest-scored detections, default params."""
+    images, objects, results = [], [], []
+    for number, (a, d) in enumerate(zip(annotations, detections, strict=True), start=1):
+        images.append({"id": number, "height": a.size[0], "width": a.size[1]})
+        for box, label, crowd in zip(
+            a.boxes.tolist(), a.labels.tolist(), a.difficult.tolist(), strict=True
+        ):
+            w, h = box[2] - box[0], box[3] - box[1]
+            objects.append(
+                {
+                    "id": len(objects) + 1,
+                    "image_id": number,
+                    "category_id": label,
+                    "bbox": [box[0], box[1], w, h],
+                    "area": w * h,
+                    "iscrowd": int(crowd),
+                }
+            )
+        rows = sorted(
+            zip(d.scores.tolist(), d.boxes.tolist(), d.labels.tolist(), strict=True),
+            key=lambda r: -r[0],
+        )
+        for score, (x1, y1, x2, y2), label in rows[:100]:
+            results.append(
+                {
+                    "image_id": number,
+                    "category_id": label,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": score,
+                }
+            )
+    gt = COCO()
+    gt.dataset = {
+        "images": images,
+        "annotations": objects,
+        "categories": [{"id": k + 1, "name": n} for k, n in enumerate(classes)],
+    }
+    gt.createIndex()
+    evaluator = COCOeval(gt, gt.loadRes(results), iouType="bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    return evaluator.stats
+
+
+def many_detections(annotations, per_image, seed=1):
+    """Per image ``per_image`` detections: a jittered hit on each object at a random score, the rest
+    random boxes of random classes, some scored above the hits (so that the cap drops hits)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for a in annotations:
+        h, w = a.size
+        boxes, scores, labels = [], [], []
+        for box, label in zip(a.boxes, a.labels, strict=True):
+            side = np.array([box[2] - box[0], box[3] - box[1]] * 2)
+            boxes.append((box + rng.normal(0, 0.05, 4) * side).tolist())
+            scores.append(float(rng.uniform(0.3, 1.0)))
+            labels.append(int(label))
+        while len(boxes) < per_image:
+            x1, y1 = rng.uniform(0, w - 10), rng.uniform(0, h - 10)
+            boxes.append([x1, y1, min(w, x1 + rng.uniform(5, 60)), min(h, y1 + rng.uniform(5, 60))])
+            scores.append(float(rng.uniform(0.0, 0.9)))
+            labels.append(int(rng.integers(1, 5)))
+        out.append(dets(boxes, scores, labels))
+    return out
+
+
+def test_more_than_100_detections_per_image_are_scored_as_pycocotools(capsys):
+    rng = np.random.default_rng(0)
+    annotations = []
+    for _ in range(3):  # 3 images of 12 objects of 4 classes, one of them crowd
+        xy = rng.uniform(0, 400, (12, 2))
+        wh = rng.uniform(8, 200, (12, 2))
+        boxes = np.concatenate([xy, np.minimum(xy + wh, 600)], axis=1)
+        difficult = np.arange(12) == 5
+        annotations.append(ann(boxes, rng.integers(1, 5, 12), difficult.tolist(), (600, 600)))
+    detections = many_detections(annotations, per_image=250)
+    classes = ("a", "b", "c", "d")
+    m = coco_metrics(annotations, detections, classes)
+    with contextlib.redirect_stdout(io.StringIO()):
+        reference = pycocotools_summary(annotations, detections, classes)
+    capsys.readouterr()
+    keys = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
+    assert None not in [m[k] for k in keys]  # objects of every size: every figure defined
+    assert [m[k] for k in keys] == pytest.approx([float(v) for v in reference[:6]], abs=1e-12)
+    assert 0.05 < m["ap"] < 0.95  # neither trivial bound
+    # The cap changed something: every detection scored (what a raised maxDets did) finds more hits.
+    assert ap50_of_every_detection(annotations, detections, classes) > m["ap50"] + 0.01
+
+
+def ap50_of_every_detection(annotations, detections, classes):
+    """AP50 with no per-image cap (maxDets raised past the detections' count), read from COCOeval's
+    precision array, since its summary would look for the cap 100 and print -1."""
+    gt = coco_ground_truth(annotations, classes)
+    rows = [
+        {"image_id": i, "category_id": c, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": s}
+        for i, d in enumerate(detections, start=1)
+        for (x1, y1, x2, y2), s, c in zip(
+            d.boxes.tolist(), d.scores.tolist(), d.labels.tolist(), strict=True
+        )
+    ]
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(gt, gt.loadRes(rows), iouType="bbox")
+        evaluator.params.maxDets = [1, 10, 1000]
+        evaluator.evaluate()
+        evaluator.accumulate()
+    precision = evaluator.eval["precision"][0, :, :, 0, -1]
+    return float(precision[precision > -1].mean())
 
 
 # --- the suite's own metric against COCOeval on detections like the suite's ---------------------
@@ -182,7 +322,8 @@ def test_suite_area_ap_agrees_with_coco_ap50_on_suite_like_detections(tiny_voc):
     for a, d in zip(annotations, detections, strict=True):
         voc.process(a, d)
     voc_result = voc.evaluate()
-    evaluator = run_cocoeval(annotations, detections, SYNTHETIC_CLASSES, max_dets=100)
+    assert max(len(d.scores) for d in detections) <= 100  # COCO scores all of them, as VOC does
+    evaluator = run_cocoeval(annotations, detections, SYNTHETIC_CLASSES)
     coco_ap50 = per_class_ap(evaluator, 0.5)
     compared = 0
     for k, name in enumerate(SYNTHETIC_CLASSES):

@@ -11,13 +11,21 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from rcnn_bench.benchmarks.config import load_config
+from rcnn_bench.benchmarks.gate.compare import (
+    Side,
+    check,
+    compare,
+    host_drift,
+    read_baseline,
+    write_baseline,
+)
+from rcnn_bench.benchmarks.gate.relative import record_history
+from rcnn_bench.benchmarks.harness.run import run
+from rcnn_bench.benchmarks.reporting import report, tables
+from rcnn_bench.benchmarks.reporting.report import render
+from rcnn_bench.benchmarks.reporting.results import ResultsError, write_json
 
-from benchmarks import tables
-from benchmarks.compare import Side, check, compare, read_baseline, write_baseline
-from benchmarks.config import load_config
-from benchmarks.report import render
-from benchmarks.results import ResultsError, write_json
-from benchmarks.run import run
 from tests.benchmarks.test_run import tiny_overrides
 
 
@@ -57,6 +65,51 @@ def test_compare_passes_on_its_own_run_and_fails_on_a_slower_one(tiny_run, tmp_p
     assert "| speedup_inference[fast_rcnn/rcnn] |" in capsys.readouterr().out
 
 
+def test_another_machines_baseline_gates_nothing_absolute(tiny_run, tmp_path, capsys):
+    baseline = tmp_path / "baseline.json"
+    written = write_baseline([tiny_run], baseline)
+    results = json.loads((tiny_run / "results.json").read_text())
+    assert written["fingerprint"] == results["env"]["fingerprint"]
+    bad = tmp_path / "worse.json"
+    write_json(bad, worse(results, 5.0))
+    assert compare(baseline, bad) == 1  # this machine's baseline gates
+    capsys.readouterr()
+    written["fingerprint"] = {**written["fingerprint"], "id": "another"}
+    write_json(baseline, written)
+    assert compare(baseline, bad) == 0
+    out = capsys.readouterr().out
+    assert "nothing absolute is gated" in out and "rcnn-bench gate" in out
+    assert "WORSE" not in out and "not gated (worse)" in out
+    del written["fingerprint"]  # a baseline from before fingerprints: no machine known
+    write_json(baseline, written)
+    assert compare(baseline, bad) == 0
+
+
+def test_a_metric_in_one_side_only_fails_unless_declared(tiny_run, tmp_path, capsys):
+    baseline = tmp_path / "baseline.json"
+    written = write_baseline([tiny_run], baseline)
+    written["metrics"]["map[gone]"] = {"value": 0.5, "tolerance": 0.01}
+    del written["metrics"]["map[rcnn]"]
+    write_json(baseline, written)
+    assert compare(baseline, tiny_run) == 1
+    out = capsys.readouterr().out
+    assert "regression in map[gone], map[rcnn]" in out and "NEW (not in A)" in out
+    assert compare(baseline, tiny_run, allow_new=True) == 0
+
+
+def test_recorded_ci_history_feeds_the_reports_trend(tiny_run, tmp_path, monkeypatch):
+    results = json.loads((tiny_run / "results.json").read_text())
+    history = tmp_path / f"{results['config']['name']}-history.jsonl"
+    earlier = {**results, "run_id": "20000101-000000-default-aaaaaa"}
+    record_history(history, earlier, "abc123", "the reference moved: why")
+    line = json.loads(history.read_text())
+    assert line["reference"] == "abc123" and line["note"] == "the reference moved: why"
+    assert line["fingerprint"] == results["env"]["fingerprint"]
+    monkeypatch.setattr(report, "BASELINES", tmp_path)
+    trend = report._history(tiny_run.parent / "history.jsonl", [results])
+    assert [h["run_id"] for h in trend] == [earlier["run_id"], results["run_id"]]
+
+
 def test_baseline_is_the_mean_of_several_runs(tiny_run, tmp_path):
     results = json.loads((tiny_run / "results.json").read_text())
     other = copy.deepcopy(results)
@@ -87,6 +140,25 @@ def test_speedup_gate_is_two_sided_and_map_one_sided():
         assert check(base, run)[0]["verdict"] == verdict, value
 
 
+def test_host_drift_by_hand():
+    """Median per-image ratio of each pipeline, then their geometric mean."""
+    images = [f"i{k}" for k in range(5)]
+
+    def times(values):
+        return dict(zip(images, values, strict=True))
+
+    a = {"r": times([10, 20, 30, 40, 50]), "f": times([1, 2, 3, 4, 5])}
+    # R-CNN's ratios 0.5, 0.75, 0.8, 0.9, 1.0: median 0.8; Fast R-CNN's all 1.25
+    b = {"r": times([5, 15, 24, 36, 50]), "f": times([1.25, 2.5, 3.75, 5, 6.25])}
+    machine = ("cpu", 2, 1)
+    side_a = Side("a", "run", {}, "ci", machine, a)
+    side_b = Side("b", "run", {}, "ci", machine, b)
+    assert host_drift(side_a, side_b) == pytest.approx((0.8 * 1.25) ** 0.5)
+    assert host_drift(side_a, Side("b", "run", {}, "ci", ("other", 2, 1), b)) is None
+    b["f"].pop("i0")  # other images: not paired
+    assert host_drift(side_a, side_b) is None
+
+
 def test_bad_baseline_files(tmp_path):
     path = tmp_path / "b.json"
     path.write_text('{"metrics": {"speedup_train": {"value": 2}}}')
@@ -105,7 +177,8 @@ def test_bad_baseline_files(tmp_path):
 
 def test_shipped_baselines_are_readable():
     for path in (Path(__file__).resolve().parents[2] / "benchmarks" / "baselines").glob("*.json"):
-        assert read_baseline(path)["metrics"]
+        if path.name != "reference.json":  # the relative gate's (test_relative_gate.py)
+            assert read_baseline(path)["metrics"]
 
 
 def test_report_has_every_section(tiny_run, tmp_path):
@@ -118,6 +191,10 @@ def test_report_has_every_section(tiny_run, tmp_path):
         "Latency distribution",
         "proposals per image",
         "Per-class AP",
+        "Per-class AP across training seeds",
+        "Training loss and learning rate, every seed",
+        "Accuracy over training seeds",
+        "one training seed: accuracy is one draw and ranks nothing",
         "Precision-recall",
         "Detections on test images",
         "beside the papers",
@@ -202,7 +279,7 @@ def test_schema_1_results_are_read_and_reported(tiny_run, tmp_path):
 
 
 def test_pareto_front_by_hand():
-    from benchmarks.tables import pareto
+    from rcnn_bench.benchmarks.reporting.tables import pareto
 
     points = [
         {"label": "a", "map": 0.7, "ms": 100.0},  # the most accurate
@@ -215,7 +292,7 @@ def test_pareto_front_by_hand():
 
 
 def test_tradeoff_table_has_every_variant_and_the_papers_figures(tiny_run):
-    from benchmarks.tables import pipeline_table, tradeoff_table
+    from rcnn_bench.benchmarks.reporting.tables import pipeline_table, tradeoff_table
 
     results = json.loads((tiny_run / "results.json").read_text())
     table = tradeoff_table(results)

@@ -4,8 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
-
-from benchmarks.config import ConfigError, RunConfig, load_config, to_dict
+from rcnn_bench.benchmarks.config import ConfigError, RunConfig, load_config, to_dict
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "configs").glob("*.yaml"))
 
@@ -63,6 +62,11 @@ def test_pipeline_subset_and_baseline(tmp_path):
             "(its variants: svm, svd_64_16; or 'all')",
         ),
         ("pipelines: {fast_rcnn: {svd_ranks: [64, 16]}}\n", "pipelines.fast_rcnn.svd_ranks"),
+        ("name: ../../x\n", "name: '../../x' is not a safe part of a folder name"),
+        ("name: a/b\n", "name: 'a/b' is not a safe part of a folder name"),
+        ("name: ..\n", "name: '..' is not a safe part of a folder name"),
+        ("name: .hidden\n", "name: '.hidden' is not a safe part of a folder name"),
+        ("name: a b\n", "name: 'a b' is not a safe part of a folder name"),
         ("a: [\n", "not valid YAML at line"),
         ("- 1\n", "expected a mapping at the top level"),
     ],
@@ -85,18 +89,8 @@ def test_missing_file_and_bad_override(tmp_path):
         load_config(None, ["bench.timed=3"])
 
 
-def test_readme_fidelity_table_is_the_commands_output(capsys):
-    from benchmarks.cli import main
-
-    assert main(["fidelity", "--config", "benchmarks/configs/vgg16_voc07.yaml", "--markdown"]) == 0
-    table = capsys.readouterr().out.strip()
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    shown = readme.split("<!-- fidelity:vgg16_voc07 -->\n")[1].split("\n<!-- /fidelity -->")[0]
-    assert shown.strip() == table
-
-
 def test_fidelity_rows_give_the_arithmetic_of_training_and_test():
-    from benchmarks.fidelity import fidelity_rows
+    from rcnn_bench.benchmarks.reporting.fidelity import fidelity_rows
 
     def rows(*overrides):
         cfg = load_config("benchmarks/configs/vgg16_voc07.yaml", list(overrides))

@@ -1,6 +1,6 @@
 """Several processes give one process's answers: the ranks' shares of a mini-batch are the one batch,
 a test pass shared out over two gloo processes gives the same detections as one process with the same
-weights, and `torchrun --nproc_per_node 2 -m benchmarks.cli run` matches a one-process run."""
+weights, and `torchrun --nproc_per_node 2 -m rcnn_bench.benchmarks.cli run` matches a one-process run."""
 
 from __future__ import annotations
 
@@ -14,13 +14,16 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from rcnn_bench.benchmarks.reporting.results import read_results
+from rcnn_bench.pipelines import fast_rcnn, rcnn
+from rcnn_bench.pipelines.fast_rcnn import FastRCNN, FastRCNNConfig
+from rcnn_bench.pipelines.parts.batches import training_regions
+from rcnn_bench.pipelines.parts.roi_head import detection_loss
+from rcnn_bench.pipelines.parts.scoring import ScoreBudget
+from rcnn_bench.pipelines.rcnn import RCNN, RCNNConfig
+from rcnn_bench.pipelines.runtime import distributed
+from rcnn_bench.pipelines.runtime.timing import StageTimer
 
-from benchmarks.results import read_results
-from pipelines import distributed, fast_rcnn, rcnn
-from pipelines.detector import ScoreBudget
-from pipelines.fast_rcnn import FastRCNN, FastRCNNConfig, detection_loss
-from pipelines.rcnn import RCNN, RCNNConfig, training_regions
-from pipelines.timing import StageTimer
 from tests.benchmarks.sharded_pass import pass_in_two
 from tests.benchmarks.test_run import tiny_overrides
 from tests.conftest import build_context
@@ -154,7 +157,14 @@ def test_a_pass_shared_by_two_gloo_processes_gives_one_process_detections(tiny_v
 
 
 def _cli_run(work: Path, launcher: list[str], env: dict) -> dict:
-    cmd = [*launcher, "-m", "benchmarks.cli", "run", "--config", "benchmarks/configs/ci.yaml"]
+    cmd = [
+        *launcher,
+        "-m",
+        "rcnn_bench.benchmarks.cli",
+        "run",
+        "--config",
+        "benchmarks/configs/ci.yaml",
+    ]
     for item in tiny_overrides(work):
         cmd += ["--set", item]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

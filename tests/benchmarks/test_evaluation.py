@@ -5,10 +5,9 @@ import re
 import numpy as np
 import pytest
 import torch
-
-from benchmarks.evaluation import VOCEvaluator, area_ap, voc07_ap
-from datasets.voc import Annotation
-from pipelines.detector import Detections
+from rcnn_bench.benchmarks.evaluation.voc import VOCEvaluator, area_ap, voc07_ap
+from rcnn_bench.datasets.voc import Annotation
+from rcnn_bench.pipelines.parts.detections import Detections
 
 
 def ann(boxes, labels, difficult=None, image_id="x"):

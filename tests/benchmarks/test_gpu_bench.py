@@ -95,3 +95,27 @@ def test_gpu_bench_without_a_mode_prints_its_usage(tmp_path):
     assert out.returncode == 2 and out.stderr.startswith(
         "usage: scripts/gpu_bench.sh prepare|run|plan"
     )
+
+
+def test_gpu_bench_check_runs_both_precisions_and_prints_a_line_per_target(tmp_path):
+    assert _script("prepare", tmp_path).returncode == 0
+    checked = _script("check", tmp_path)
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    out = checked.stdout
+    assert "== tf32, pipelines [rcnn,fast_rcnn]" in out and "== bf16, pipelines [fast_rcnn]" in out
+    runs = sorted((tmp_path / "bench" / "reports").glob("*-vgg16_voc07-*/results.json"))
+    precisions = sorted(json.loads(p.read_text())["config"]["bench"]["precision"] for p in runs)
+    assert precisions == ["bf16", "tf32"]
+    lines = out.split("== targets", 1)[1].splitlines()[1:]
+    # The test's sweep is at 5 proposals, not 2000: the three latency targets were not run; the conv
+    # rate target is judged in each run for each pipeline (R-CNN and Fast R-CNN, then Fast R-CNN).
+    assert [line.split(":")[0] for line in lines[:3]] == ["not run"] * 3
+    assert len(lines) == 6 and all(line.startswith(("met: ", "not met: ")) for line in lines[3:])
+
+
+def test_gpu_bench_check_plan_is_a_dry_run_of_checks_settings(tmp_path):
+    assert _script("prepare", tmp_path).returncode == 0
+    planned = _script("check-plan", tmp_path)
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    assert planned.stdout.count("plan for 'vgg16_voc07' on cpu (a dry run") == 2
+    assert not (tmp_path / "bench" / "reports").exists()

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from benchmarks.memory import PeakMemory, allocation_peak, pin_allocator
+from rcnn_bench.benchmarks.machine.memory import PeakMemory, allocation_peak, pin_allocator
 
 
 def test_cpu_allocation_peak_sees_a_short_lived_buffer():
@@ -40,7 +39,7 @@ def test_rss_sampling_sees_a_large_held_buffer():
 # thresholds are process-wide); two pinned runs, as one unpinned process may happen to be lucky.
 _ALLOCATOR_SCRIPT = """
 import resource, sys, torch
-from benchmarks.memory import pin_allocator, rss_bytes, trim_heap
+from rcnn_bench.benchmarks.machine.memory import pin_allocator, rss_bytes, trim_heap
 if sys.argv[1] == "pinned":
     pin_allocator()
 def faults():

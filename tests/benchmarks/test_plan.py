@@ -6,13 +6,19 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from rcnn_bench.benchmarks.cli import main
+from rcnn_bench.benchmarks.config import load_config
+from rcnn_bench.benchmarks.harness import plan as plan_module
+from rcnn_bench.benchmarks.harness.data import load_splits
+from rcnn_bench.benchmarks.harness.plan import (
+    Probe,
+    check_memory,
+    dry_run,
+    memory_plan,
+    stage_estimates,
+)
+from rcnn_bench.pipelines.parts.backbones import build_backbone
 
-from benchmarks import plan as plan_module
-from benchmarks.cli import main
-from benchmarks.config import load_config
-from benchmarks.data import load_splits
-from benchmarks.plan import Probe, check_memory, dry_run, memory_plan, stage_estimates
-from pipelines.backbones import build_backbone
 from tests.benchmarks.test_run import tiny_overrides
 
 CONFIG = "benchmarks/configs/default.yaml"
@@ -22,9 +28,11 @@ def _files(folder):
     return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 
 
-def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+@pytest.mark.parametrize("probe", ["estimate", "full"])
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, probe):
     cfg = load_config(CONFIG, tiny_overrides(tmp_path))
-    plan = dry_run(cfg)
+    plan = dry_run(cfg, probe)
+    assert (plan.rates is None) == (probe == "full")
     out = capsys.readouterr().out
     assert not (tmp_path / "reports").exists() and not _files(tmp_path / "cache")
     # 5 training and 4 test images, no proposal cache: at most 30 proposals each.
@@ -43,6 +51,19 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert list(plan.stages_s["rcnn"]) == ["finetune", "features", "svm", "bbox_reg", "test passes"]
     for line in ("trainval", "backbone pre-training", "rcnn finetune", "RAM peak", "disk ("):
         assert line in out
+
+
+def test_plan_options_without_a_dry_run_refuse_in_one_line(tmp_path, capsys):
+    args = ["run", "--config", CONFIG, "--plan-for", "h100"]
+    for item in tiny_overrides(tmp_path):
+        args += ["--set", item]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == "rcnn-bench: error: --probe and --plan-for go with --dry-run (a run measures, it does not plan)"
+    )
+    assert not (tmp_path / "reports").exists()
 
 
 def test_a_full_disk_refuses_in_one_line_naming_the_knob(tmp_path, monkeypatch, capsys):
@@ -75,7 +96,7 @@ def _probe() -> Probe:
 def test_stage_estimates_scale_the_probe(tmp_path):
     overrides = [*tiny_overrides(tmp_path), "pipelines.rcnn.solver.iters=500"]
     cfg = load_config(CONFIG, overrides)
-    splits = load_splits(cfg)
+    splits = load_splits(cfg.data)
     counts = {"trainval": {"images": 5, "cached": False}, "test": {"images": 4, "cached": True}}
     est = stage_estimates(cfg, splits, counts, _probe())
     # Iterations: 0.5 s for the probe's 2 -> 500 (R-CNN), 2 -> 2 (Fast R-CNN); per-image stages: x 5/2;
@@ -94,11 +115,17 @@ def test_stage_estimates_scale_the_probe(tmp_path):
             "test passes": 0.6,
         }
     )
+    # bench.seeds 3: two more trainings (R-CNN 128.5 s) and one pass each over 4 images at 0.1 s.
+    three = stage_estimates(
+        load_config(CONFIG, [*overrides, "bench.seeds=3"]), splits, counts, _probe()
+    )
+    assert three["rcnn"]["more seeds"] == pytest.approx(2 * (128.5 + 0.4))
+    assert three["fast_rcnn"]["more seeds"] == pytest.approx(2 * (0.8 + 0.4 + 0.5 + 0.25 + 0.2))
 
 
 def test_memory_plan_adds_up_and_refuses_naming_the_biggest(tmp_path, monkeypatch):
     cfg = load_config(CONFIG, tiny_overrides(tmp_path))
-    splits = load_splits(cfg)
+    splits = load_splits(cfg.data)
     backbone = build_backbone(cfg.backbone)
     monkeypatch.setattr(plan_module, "_available_ram", lambda: 10**9)
     mem = memory_plan(cfg, splits, backbone, _probe(), plan_module.torch.device("cpu"), 7)

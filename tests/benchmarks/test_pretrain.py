@@ -8,12 +8,11 @@ import re
 import numpy as np
 import pytest
 import torch
-
-from benchmarks import pretrain
-from benchmarks.config import ConfigError, load_config
-from benchmarks.run import weights_sha1
-from datasets.synthetic import SyntheticConfig, draw_images, generate
-from pipelines.backbones import BackboneConfig, PretrainConfig
+from rcnn_bench.benchmarks.config import ConfigError, load_config
+from rcnn_bench.benchmarks.harness import pretrain
+from rcnn_bench.benchmarks.harness.run import weights_sha1
+from rcnn_bench.datasets.synthetic import SyntheticConfig, draw_images, generate
+from rcnn_bench.pipelines.parts.backbones import BackboneConfig, PretrainConfig
 
 SMALL = BackboneConfig(
     tiny_channels=(4, 4, 8, 8),

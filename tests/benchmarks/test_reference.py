@@ -4,16 +4,17 @@ import dataclasses
 
 import pytest
 import torch
-from torch.testing import assert_close
-
-from benchmarks.reference import (
+from rcnn_bench.benchmarks.micro.reference import (
     TorchvisionFastRCNN,
     assert_same_detections,
     folded_predictor,
     interleaved_times,
 )
-from pipelines.fast_rcnn import DeltaNorm, FastRCNN, FastRCNNConfig
-from pipelines.timing import StageTimer
+from rcnn_bench.pipelines.fast_rcnn import FastRCNN, FastRCNNConfig
+from rcnn_bench.pipelines.parts.roi_head import DeltaNorm
+from rcnn_bench.pipelines.runtime.timing import StageTimer
+from torch.testing import assert_close
+
 from tests.conftest import build_context
 
 K = 3

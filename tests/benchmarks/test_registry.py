@@ -9,14 +9,15 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from rcnn_bench.benchmarks.config import load_config
+from rcnn_bench.benchmarks.harness.run import run
+from rcnn_bench.benchmarks.reporting.results import read_results
+from rcnn_bench.pipelines import registry
+from rcnn_bench.pipelines.context import BuildContext, PaperFigures
+from rcnn_bench.pipelines.detector import Detector
+from rcnn_bench.pipelines.parts.detections import Detections, TrainData
+from rcnn_bench.pipelines.runtime.timing import StageTimer
 
-from benchmarks.config import load_config
-from benchmarks.results import read_results
-from benchmarks.run import run
-from pipelines import registry
-from pipelines.detector import Detections, Detector, TrainData
-from pipelines.registry import BuildContext, PaperFigures
-from pipelines.timing import StageTimer
 from tests.benchmarks.test_run import tiny_overrides
 
 
@@ -108,6 +109,6 @@ def test_pipelines_that_own_their_proposals_never_compute_shared_ones(whole_imag
 
 
 def _annotations(tmp_path, split):
-    from datasets.voc import VOCDataset
+    from rcnn_bench.datasets.voc import VOCDataset
 
     return VOCDataset(tmp_path / "data", split).annotations

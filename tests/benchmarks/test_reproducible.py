@@ -8,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.config import load_config
-from benchmarks.results import read_results
-from benchmarks.run import run
-from datasets.convert import voc_to_coco
+from rcnn_bench.benchmarks.config import load_config
+from rcnn_bench.benchmarks.harness.run import run
+from rcnn_bench.benchmarks.reporting.results import read_results
+from rcnn_bench.datasets.convert import voc_to_coco
+
 from tests.benchmarks.test_run import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,7 +39,7 @@ def test_two_processes_give_identical_results(tmp_path):
         cmd = [
             sys.executable,
             "-m",
-            "benchmarks.cli",
+            "rcnn_bench.benchmarks.cli",
             "run",
             "--config",
             "benchmarks/configs/ci.yaml",
@@ -82,8 +83,7 @@ def test_voc_and_coco_forms_of_one_data_set_give_identical_results(tmp_path):
 
 def test_setup_sets_the_training_arithmetic_from_train_tf32():
     import torch
-
-    from benchmarks.run import setup
+    from rcnn_bench.benchmarks.machine.env import setup
 
     flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
     saved = flags()
@@ -93,3 +93,33 @@ def test_setup_sets_the_training_arithmetic_from_train_tf32():
             assert flags() == (tf32, tf32)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _per_pipeline(results: dict, name: str) -> dict:
+    """One pipeline's losses, APs and example detections in a run's results."""
+    record = results["pipelines"][name]
+    return {
+        "losses": record["train"]["info"],
+        "map": record["map"],
+        "detections": [e["detections"][name] for e in results["examples"]],
+    }
+
+
+def test_a_pipeline_scores_the_same_alone_and_beside_others_in_any_order(tmp_path):
+    """Each pipeline is built and trained in its own seeded stream: which other pipelines the
+    config holds, and in what order, changes none of its losses, detections or APs."""
+    runs = {}
+    for selection in ("rcnn,fast_rcnn", "fast_rcnn,rcnn", "fast_rcnn"):
+        overrides = [
+            *tiny_overrides(tmp_path),
+            f"pipelines={selection}",
+            f"bench.baseline={selection.split(',')[0]}",
+            f"output_dir={tmp_path / selection.replace(',', '-')}",
+            "pipelines.fast_rcnn.variants=[]",
+        ]
+        runs[selection] = read_results(run(load_config("benchmarks/configs/ci.yaml", overrides)))
+    both, reversed_, alone = runs.values()
+    assert list(reversed_["pipelines"]) == ["fast_rcnn", "rcnn"]
+    assert _per_pipeline(both, "rcnn") == _per_pipeline(reversed_, "rcnn")
+    for other in (reversed_, alone):
+        assert _per_pipeline(both, "fast_rcnn") == _per_pipeline(other, "fast_rcnn")

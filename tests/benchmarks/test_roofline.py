@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from rcnn_bench.benchmarks.machine.roofline import (
+    CostTimer,
+    reference_gflops,
+    stage_efficiency,
+    with_reference,
+)
+from rcnn_bench.benchmarks.reporting import tables
 from torch import nn
-
-from benchmarks import tables
-from benchmarks.roofline import CostTimer, reference_gflops, stage_efficiency, with_reference
 
 PEAKS = {"matmul_float32_gflops": 100.0, "bandwidth_gbs": 10.0}
 GPU_PEAKS = {

@@ -10,19 +10,21 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-
-from benchmarks import inference
-from benchmarks.cli import main
-from benchmarks.config import load_config
-from benchmarks.data import TestSet as SplitInMemory  # not a test class for pytest
-from benchmarks.data import load_splits
-from benchmarks.inference import TimingPlan, sweep_boxes, time_pass
-from benchmarks.results import ResultsError, read_results, validate
-from benchmarks.run import run, time_variants, weights_sha1
-from pipelines import proposals
-from pipelines.backbones import PretrainConfig, build_backbone, load_weights
-from pipelines.detector import Detections, Detector
-from pipelines.registry import BuildContext
+from rcnn_bench.benchmarks.cli import main
+from rcnn_bench.benchmarks.config import load_config
+from rcnn_bench.benchmarks.harness import inference
+from rcnn_bench.benchmarks.harness.data import (
+    TestSet as SplitInMemory,
+)  # not a test class for pytest
+from rcnn_bench.benchmarks.harness.data import load_splits
+from rcnn_bench.benchmarks.harness.inference import TimingPlan, sweep_boxes, time_pass
+from rcnn_bench.benchmarks.harness.run import run, time_variants, weights_sha1
+from rcnn_bench.benchmarks.reporting.results import ResultsError, read_results, validate
+from rcnn_bench.pipelines.context import BuildContext
+from rcnn_bench.pipelines.detector import Detector
+from rcnn_bench.pipelines.parts import proposals
+from rcnn_bench.pipelines.parts.backbones import PretrainConfig, build_backbone, load_weights
+from rcnn_bench.pipelines.parts.detections import Detections
 
 
 def tiny_overrides(tmp_path):
@@ -108,7 +110,7 @@ def test_tiny_end_to_end_run_writes_valid_results(tmp_path):
     cached = sorted((tmp_path / "cache").glob("*.npz"))
     assert len(cached) == 2
     mtimes = [p.stat().st_mtime_ns for p in cached]
-    splits = load_splits(cfg)
+    splits = load_splits(cfg.data)
     with mock.patch.object(proposals, "compute", side_effect=AssertionError("recomputed")):
         for ds in (splits.train, splits.test):
             _, was_cached = proposals.load_or_compute(ds, cfg.proposals, cfg.cache_dir)
@@ -179,9 +181,9 @@ def test_cli_generates_synthetic_data(tmp_path, capsys):
 
 def test_stage_costs_count_the_fc_layers_by_hand():
     import torch
+    from rcnn_bench.benchmarks.harness.inference import count_costs
+    from rcnn_bench.pipelines.fast_rcnn import FastRCNN, FastRCNNConfig
 
-    from benchmarks.inference import count_costs
-    from pipelines.fast_rcnn import FastRCNN, FastRCNNConfig
     from tests.conftest import build_context
 
     det = FastRCNN(FastRCNNConfig(scale=64, max_size=96), build_context(3))

@@ -5,9 +5,8 @@ import json
 import cv2
 import numpy as np
 import pytest
-
-from datasets.coco import COCODataset, coco_json, load_coco
-from datasets.voc import Annotation, DatasetError
+from rcnn_bench.datasets.coco import COCODataset, coco_json, load_coco
+from rcnn_bench.datasets.voc import Annotation, DatasetError
 
 
 def write_image(path, height, width):
@@ -53,6 +52,17 @@ def test_boxes_labels_crowd_sizes_and_ids(tmp_path):
     assert ds.image_path("7") == images_dir / "a.jpg"
     assert ds.load_image(1).shape == (30, 40, 3)
     assert ds.name == tmp_path.name and ds.split == "train" and ds.root == images_dir
+
+
+def test_areas_are_the_files_own_else_w_times_h(tmp_path):
+    annotations = [
+        {"id": 1, "image_id": 7, "category_id": 3, "bbox": [2, 3, 10, 5], "area": 31.5},
+        {"id": 2, "image_id": 7, "category_id": 3, "bbox": [0, 0, 4, 6]},  # no area: w * h
+    ]
+    images_dir, path = coco_split(tmp_path, annotations=annotations)
+    ds = COCODataset(images_dir, path, "train")
+    assert ds.annotations[1].coco_areas.tolist() == [31.5, 24.0]
+    assert [o["area"] for o in coco_json(ds.annotations, ds.classes)["annotations"]] == [31.5, 24.0]
 
 
 def test_name_skips_an_annotations_folder(tmp_path):

@@ -5,11 +5,11 @@ import shutil
 
 import numpy as np
 import pytest
+from rcnn_bench.datasets.coco import COCODataset
+from rcnn_bench.datasets.convert import coco_to_voc, voc_split_names, voc_to_coco
+from rcnn_bench.datasets.synthetic import SYNTHETIC_CLASSES
+from rcnn_bench.datasets.voc import DatasetError, VOCDataset
 
-from datasets.coco import COCODataset
-from datasets.convert import coco_to_voc, voc_split_names, voc_to_coco
-from datasets.synthetic import SYNTHETIC_CLASSES
-from datasets.voc import DatasetError, VOCDataset
 from tests.datasets.test_coco import coco_split
 
 
@@ -130,7 +130,7 @@ def test_images_are_copied_where_hard_links_fail(tiny_voc, tmp_path, monkeypatch
     def no_links(src, dst):
         raise OSError(18, "Invalid cross-device link")
 
-    monkeypatch.setattr("datasets.convert.os.link", no_links)
+    monkeypatch.setattr("rcnn_bench.datasets.convert.os.link", no_links)
     voc_to_coco(tiny_voc[0], tmp_path / "coco")
     src = tiny_voc[0] / "JPEGImages/test_00000.jpg"
     dst = tmp_path / "coco/images/test_00000.jpg"

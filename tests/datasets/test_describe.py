@@ -4,9 +4,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-
-from datasets.describe import describe
-from datasets.voc import Annotation
+from rcnn_bench.datasets.describe import describe
+from rcnn_bench.datasets.voc import Annotation
 
 
 @dataclass
@@ -53,6 +52,7 @@ def test_counts_per_class_and_size():
             "medium": {"non_difficult": 1, "difficult": 1},
             "large": {"non_difficult": 2, "difficult": 0},
         },
+        "degenerate": {"count": 0, "per_class": {"a": 0, "b": 0, "c": 0}, "examples": []},
     }
 
 
@@ -77,3 +77,40 @@ def test_proposal_recall_per_class_and_size():
 def test_no_proposals_finds_nothing():
     recall = describe(TwoImages(), [np.zeros((0, 4)), np.zeros((0, 4))])["recall_iou50"]
     assert recall["per_class"] == {"a": 0.0, "b": 0.0, "c": None}
+
+
+def test_shares_below_each_pipelines_floor_per_class():
+    # Floors as sides in the image's own pixels: 20 in the 100-pixel image, 40 in the 200-pixel one
+    # (one 16-pixel cell at a factor of 0.8 and 0.4), and a flat 64 (a warp).
+    floors = {
+        "shared": ("cell", "pipelines.shared.scale", lambda size: 16 / (80 / min(size))),
+        "warp": ("warp", None, lambda size: 64.0),
+    }
+    d = describe(TwoImages(), None, floors)
+    # Non-difficult sides: a: 10 (image one, floor 20) and 96 (image two, floor 40); b: 100 (image
+    # one) and 32 (image two, floor 40); c: none.
+    assert d["below_floor"]["shared"] == {
+        "unit": "cell",
+        "knob": "pipelines.shared.scale",
+        "per_class": {"a": 0.5, "b": 0.5, "c": None},
+    }
+    assert d["below_floor"]["warp"]["per_class"] == {"a": 0.5, "b": 0.5, "c": None}
+    assert "below_floor" not in describe(TwoImages())
+
+
+def test_degenerate_boxes_are_counted_and_named():
+    split = TwoImages()
+    split.annotations[1] = Annotation(
+        "two",
+        (200, 200),
+        np.array([[0, 0, 1, 30], [5, 5, 6.5, 6.5], [0, 0, 30, 0.5]], np.float32),
+        np.array([2, 1, 3], np.int64),
+        np.array([False, False, True]),
+    )  # 1 pixel wide (b), 1.5 x 1.5 (a: not degenerate), 0.5 tall (c, difficult: counted all the same)
+    d = describe(split)
+    assert d["degenerate"] == {
+        "count": 2,
+        "per_class": {"a": 0, "b": 1, "c": 1},
+        "examples": ["two: b 1x30", "two: c 30x0.5"],
+    }
+    assert describe(TwoImages())["degenerate"]["count"] == 0

@@ -3,11 +3,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
-from datasets.coco import COCODataset
-from datasets.convert import voc_to_coco
-from datasets.loaders import open_splits
-from datasets.voc import DatasetError, VOCDataset
+from rcnn_bench.datasets.coco import COCODataset
+from rcnn_bench.datasets.convert import voc_to_coco
+from rcnn_bench.datasets.loaders import open_splits
+from rcnn_bench.datasets.voc import DatasetError, VOCDataset
 
 
 def test_voc_test_split_takes_the_training_classes(tiny_voc, tmp_path):

@@ -1,9 +1,8 @@
 from __future__ import annotations
 
 import numpy as np
-
-from datasets.synthetic import SYNTHETIC_CLASSES, SyntheticConfig, generate
-from datasets.voc import VOCDataset
+from rcnn_bench.datasets.synthetic import SYNTHETIC_CLASSES, SyntheticConfig, generate
+from rcnn_bench.datasets.voc import VOCDataset
 
 
 def test_folder_loads_back_exactly(tiny_voc):

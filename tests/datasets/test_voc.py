@@ -4,9 +4,8 @@ import shutil
 
 import numpy as np
 import pytest
-
-from datasets.synthetic import SYNTHETIC_CLASSES
-from datasets.voc import (
+from rcnn_bench.datasets.synthetic import SYNTHETIC_CLASSES
+from rcnn_bench.datasets.voc import (
     VOC_CLASSES,
     Annotation,
     DatasetError,

@@ -9,8 +9,7 @@ from unittest import mock
 
 import numpy as np
 import torch
-
-from datasets.voc import Annotation
+from rcnn_bench.datasets.voc import Annotation
 
 
 def jittered_proposals(annotations: list[Annotation], per_box: int, seed: int) -> list[np.ndarray]:

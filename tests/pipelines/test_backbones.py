@@ -4,11 +4,10 @@ import re
 
 import pytest
 import torch
+from rcnn_bench.benchmarks.config import RunConfig
+from rcnn_bench.benchmarks.harness.run import build_pipelines, weights_sha1
+from rcnn_bench.pipelines.parts.backbones import BackboneConfig, build_backbone, truncate
 from torch.testing import assert_close
-
-from benchmarks.config import RunConfig
-from benchmarks.run import build_pipelines, weights_sha1
-from pipelines.backbones import BackboneConfig, build_backbone, truncate
 
 
 def test_seeded_init_is_reproducible():
@@ -22,7 +21,7 @@ def test_seeded_init_is_reproducible():
 def test_both_detectors_start_from_the_same_weights():
     cfg = RunConfig()
     backbone = build_backbone(cfg.backbone)
-    dets = build_pipelines(cfg, backbone, num_classes=4, device=torch.device("cpu"))
+    dets = build_pipelines(cfg, backbone, num_classes=4, device=torch.device("cpu"), seed=0)
     r, f = (dets[name].net.state_dict() for name in ("rcnn", "fast_rcnn"))
     assert r.keys() == f.keys()
     assert all(torch.equal(r[k], f[k]) for k in r)
@@ -65,7 +64,7 @@ def test_bad_weights_file(tmp_path):
 
 
 def test_layer_multipliers_cover_every_parameter_and_freeze_the_first_convs():
-    from pipelines.backbones import layer_multipliers, trunk_convs
+    from rcnn_bench.pipelines.parts.backbones import layer_multipliers, trunk_convs
 
     bb = build_backbone(BackboneConfig())
     layers = layer_multipliers(bb, 2)
@@ -82,7 +81,7 @@ def test_layer_multipliers_cover_every_parameter_and_freeze_the_first_convs():
 def test_the_originals_frozen_convs_are_the_first_of_the_trunk(name, convs, frozen):
     # VGG16's conv1_1, conv1_2, conv2_1, conv2_2 are features.0, 2, 5, 7; CaffeNet's conv1 is AlexNet's
     # features.0. Built on the meta device: only the structure matters.
-    from pipelines.backbones import layer_multipliers, trunk_convs
+    from rcnn_bench.pipelines.parts.backbones import layer_multipliers, trunk_convs
 
     with torch.device("meta"):
         bb = build_backbone(BackboneConfig(name=name))

@@ -2,10 +2,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from rcnn_bench.pipelines.parts.bbox_regression import BoxRegressors, fit_box_regressors
+from rcnn_bench.pipelines.parts.boxes import box_iou, decode_deltas
 from torch.testing import assert_close
-
-from pipelines.bbox_regression import fit_box_regressors
-from pipelines.boxes import box_iou, decode_deltas
 
 
 def matched_iou(a, b):
@@ -57,3 +56,33 @@ def test_memory_mapped_features_fit_as_in_memory(tmp_path):
     assert got.examples == want.examples and sum(got.examples) > 10
     for name in ("weight", "bias", "t_inv", "mu", "trained"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+def test_predict_equals_a_loop_over_the_rows_classes():
+    """One product for every class, each row keeping its class's deltas, against the plain loop:
+    each class's rows through its own map; an untrained class's rows unmoved."""
+    gen = torch.Generator().manual_seed(2)
+    k, f, m = 4, 12, 30
+    reg = BoxRegressors(
+        weight=torch.randn(k, f, 4, generator=gen) * 0.01,
+        bias=torch.randn(k, 4, generator=gen) * 0.01,
+        t_inv=torch.eye(4) + 0.1 * torch.randn(k, 4, 4, generator=gen),
+        mu=torch.randn(k, 4, generator=gen) * 0.01,
+        trained=torch.tensor([True, False, True, True]),
+        examples=[5, 0, 5, 5],
+    )
+    features = torch.randn(m, f, generator=gen)
+    boxes = torch.rand(m, 4, generator=gen) * 50
+    boxes[:, 2:] += boxes[:, :2] + 10
+    cls = torch.randint(0, k, (m,), generator=gen)
+    expected = boxes.clone()
+    for j in range(k):
+        rows = torch.nonzero(cls == j).flatten()
+        if not reg.trained[j] or len(rows) == 0:
+            continue
+        deltas = (features[rows] @ reg.weight[j] + reg.bias[j]) @ reg.t_inv[j] + reg.mu[j]
+        expected[rows] = decode_deltas(boxes[rows], deltas)
+    assert_close(reg.predict(features, boxes, cls), expected)
+    assert torch.equal(reg.predict(features, boxes, cls)[cls == 1], boxes[cls == 1])
+    empty = reg.predict(features[:0], boxes[:0], cls[:0])
+    assert empty.shape == (0, 4)

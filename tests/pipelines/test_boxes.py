@@ -2,10 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.testing import assert_close
-from torchvision.ops import roi_pool
-
-from pipelines.boxes import (
+from rcnn_bench.pipelines.parts.boxes import (
     box_iou,
     boxes_to_rois,
     clip_boxes,
@@ -16,6 +13,8 @@ from pipelines.boxes import (
     min_side_keep,
     unique_boxes,
 )
+from torch.testing import assert_close
+from torchvision.ops import roi_pool
 
 
 def test_iou_hand_computed():

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from pipelines.detector import Detector, ScoreBudget, candidates, normalize_image, select
-from pipelines.fast_rcnn import FastRCNN
-from pipelines.rcnn import RCNN
-from pipelines.registry import BuildContext
-from pipelines.timing import StageTimer
+from rcnn_bench.pipelines.context import BuildContext
+from rcnn_bench.pipelines.detector import Detector
+from rcnn_bench.pipelines.fast_rcnn import FastRCNN
+from rcnn_bench.pipelines.parts.backbones import normalize_image
+from rcnn_bench.pipelines.parts.scoring import ScoreBudget, candidates, select
+from rcnn_bench.pipelines.rcnn import RCNN
+from rcnn_bench.pipelines.runtime.timing import StageTimer
 
 
 def test_select_clips_suppresses_per_class_and_caps():
@@ -118,6 +119,35 @@ def test_score_budget_by_hand():
     assert (
         rows.tolist() == [1, 0] and cls.tolist() == [0, 1] and silent.thresholds == [-math.inf] * 2
     )
+
+
+def test_score_budget_equals_a_heap_per_class_loop():
+    import heapq
+
+    gen = torch.Generator().manual_seed(1)
+    k, per_image, per_set = 3, 5, 12
+    budget, thresholds = ScoreBudget(k, per_image, per_set), [-math.inf] * k
+    heaps, counts = [[] for _ in range(k)], [0] * k
+    for r in (7, 2, 9, 4, 8, 3):
+        scores = torch.rand(r, k, generator=gen)
+        rows, cls = budget.candidates(scores)
+        expected = []
+        for j in range(k):  # the original's loop: at most per_image above the threshold
+            column = sorted(
+                (v, i) for i, v in enumerate(scores[:, j].tolist()) if v > thresholds[j]
+            )
+            chosen = column[::-1][:per_image]
+            expected += [(i, j) for _, i in chosen]
+            for v, _ in chosen:
+                heapq.heappush(heaps[j], v)
+            counts[j] += len(chosen)
+            if counts[j] > per_set:
+                while len(heaps[j]) > per_set:
+                    heapq.heappop(heaps[j])
+                thresholds[j] = heaps[j][0]
+        assert sorted(zip(rows.tolist(), cls.tolist(), strict=True)) == sorted(expected)
+        assert budget.thresholds == pytest.approx(thresholds)
+    assert all(t > -math.inf for t in thresholds)  # every class's budget filled
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 from distributed import LocalCluster
-
-from pipelines import executors as E
-from pipelines.executors import ExecutorError, WorkerLostError, map_tasks
+from rcnn_bench.pipelines.runtime import executors as E
+from rcnn_bench.pipelines.runtime.executors import ExecutorError, WorkerLostError, map_tasks
 
 # Worker processes, no dashboard, the scheduler's HTTP endpoints on a free port (as map_tasks does).
 QUIET = {

@@ -6,100 +6,26 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.testing import assert_close
-
-from datasets.voc import VOCDataset
-from pipelines import fast_rcnn
-from pipelines.backbones import BackboneConfig, build_backbone
-from pipelines.boxes import boxes_to_rois, decode_deltas, encode_deltas, flip_boxes
-from pipelines.detector import ScoreBudget, TrainData
-from pipelines.fast_rcnn import (
-    DeltaNorm,
+from rcnn_bench.datasets.voc import VOCDataset
+from rcnn_bench.pipelines import fast_rcnn
+from rcnn_bench.pipelines.fast_rcnn import (
     FastRCNN,
     FastRCNNConfig,
-    conv_map,
-    detection_loss,
-    draw_image,
-    head_detections,
-    pool_rois,
-    prepare_image,
-    regression_targets,
-    sample_rois,
     svd_variant,
     training_entries,
 )
-from pipelines.rcnn import SVMHead
-from pipelines.sampling import match
-from pipelines.svm import SVMConfig
-from pipelines.timing import StageTimer
-from pipelines.training import SolverConfig
+from rcnn_bench.pipelines.parts.boxes import flip_boxes
+from rcnn_bench.pipelines.parts.detections import TrainData
+from rcnn_bench.pipelines.parts.sampling import match
+from rcnn_bench.pipelines.parts.scoring import ScoreBudget
+from rcnn_bench.pipelines.parts.svm import SVMConfig
+from rcnn_bench.pipelines.parts.svm_head import SVMHead, SVMStageConfig
+from rcnn_bench.pipelines.parts.training import SolverConfig
+from rcnn_bench.pipelines.runtime.timing import StageTimer
+from torch.testing import assert_close
+
 from tests.conftest import build_context
 from tests.pipelines.helpers import jittered_proposals, sgd_steps
-
-
-def slow_roi_pool(features: torch.Tensor, roi, p: int, scale: float) -> torch.Tensor:
-    """Caffe's RoI max pooling, one bin at a time (coordinates rounded half away from zero)."""
-    c, h, w = features.shape
-    x1, y1, x2, y2 = (int(np.floor(v * scale + 0.5)) for v in roi)
-    rw, rh = max(x2 - x1 + 1, 1), max(y2 - y1 + 1, 1)
-    out = torch.zeros(c, p, p)
-    for i in range(p):
-        for j in range(p):
-            hs = min(max(int(np.floor(i * rh / p)) + y1, 0), h)
-            he = min(max(int(np.ceil((i + 1) * rh / p)) + y1, 0), h)
-            ws = min(max(int(np.floor(j * rw / p)) + x1, 0), w)
-            we = min(max(int(np.ceil((j + 1) * rw / p)) + x1, 0), w)
-            if he > hs and we > ws:
-                out[:, i, j] = features[:, hs:he, ws:we].amax(dim=(1, 2))
-    return out
-
-
-def test_roi_pool_matches_slow_reference():
-    det = FastRCNN(FastRCNNConfig(), build_context(3))
-    features = torch.randn(1, 5, 9, 11)
-    rois = torch.tensor(
-        [[0, 0.0, 0, 175, 143], [0, 16, 32, 80, 64], [0, 40, 8, 47, 15], [0, 150, 100, 300, 300]]
-    )
-    got = pool_rois(det.net, features, rois)  # pool 4x4 at scale 1/16
-    for k in range(len(rois)):
-        assert_close(got[k], slow_roi_pool(features[0], rois[k, 1:].tolist(), 4, 1 / 16))
-
-
-def test_loss_hand_built_case():
-    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-    labels = torch.tensor([0, 2])  # background, then class 2
-    deltas = torch.zeros(2, 8)
-    deltas[1, 4:] = torch.tensor([0.5, -2.0, 0.0, 0.0])  # class 2's deltas of RoI 1
-    targets = torch.zeros(2, 4)
-    cls, box = detection_loss(logits, deltas, labels, targets)
-    assert_close(cls, F.cross_entropy(logits, labels))
-    # smooth L1 (beta 1): 0.5 * 0.5^2 + (2 - 0.5) = 1.625, over 2 RoIs; background rows ignored.
-    assert_close(box, torch.tensor(1.625 / 2))
-    _, none = detection_loss(logits, deltas, torch.tensor([0, 0]), targets)
-    assert none == 0
-
-
-def test_prepare_image_scale_cap_and_flip():
-    image = torch.randint(0, 255, (40, 100, 3), dtype=torch.uint8)
-    x, s = prepare_image(image, scale=80, max_size=150)
-    assert s == 1.5 and x.shape == (3, 60, 150)  # 80 / 40 = 2 would make the long side 200
-    xf, _ = prepare_image(image, 40, 1000, flip=True)
-    assert_close(xf, prepare_image(image, 40, 1000)[0].flip(2))
-
-
-def test_conv_map_is_the_resized_image_through_the_trunk_in_two_stages():
-    image = torch.randint(0, 255, (40, 100, 3), dtype=torch.uint8)
-    trunk = nn.Conv2d(3, 2, 3, stride=2)
-    timer = StageTimer("cpu")
-    x, features, s = conv_map(trunk, image, 80, 150, timer)
-    ref_x, ref_s = prepare_image(image, 80, 150)
-    assert s == ref_s == 1.5
-    assert_close(x, ref_x)
-    assert_close(features, trunk(ref_x[None]))
-    assert features.shape == (1, 2, 29, 74)  # (60 - 3) // 2 + 1, (150 - 3) // 2 + 1
-    assert set(timer.seconds) == {"preprocess", "conv"}
 
 
 def test_flips_keep_boxes_inside_the_image():
@@ -114,8 +40,8 @@ def test_flips_keep_boxes_inside_the_image():
 
 
 def test_sampled_targets_follow_the_flip(tiny_voc):
-    from datasets.voc import VOCDataset
-    from pipelines.sampling import match, with_ground_truth
+    from rcnn_bench.datasets.voc import VOCDataset
+    from rcnn_bench.pipelines.parts.sampling import with_ground_truth
 
     ds = VOCDataset(tiny_voc[0], "trainval")
     det = FastRCNN(FastRCNNConfig(), build_context(4))
@@ -134,8 +60,8 @@ def test_sampled_targets_follow_the_flip(tiny_voc):
 
 
 def test_detect_with_zero_proposals_and_tiny_fit(tiny_voc):
-    from datasets.voc import VOCDataset
-    from pipelines.proposals import ProposalConfig, load_or_compute
+    from rcnn_bench.datasets.voc import VOCDataset
+    from rcnn_bench.pipelines.parts.proposals import ProposalConfig, load_or_compute
 
     ds = VOCDataset(tiny_voc[0], "trainval")
     props, _ = load_or_compute(
@@ -240,122 +166,6 @@ def test_append_visits_every_image_and_its_mirror_once_per_epoch(tiny_voc):
     assert seen == first  # the same seed, the same order
 
 
-def test_draw_image_takes_each_entry_once_per_epoch():
-    gen, order, pool = torch.Generator().manual_seed(0), [], [0, 1, 4, 5]
-    epochs = [sorted(draw_image(order, pool, gen) for _ in pool) for _ in range(3)]
-    assert epochs == [pool] * 3
-
-
-def test_delta_norm_by_hand():
-    deltas = torch.tensor(
-        [[0.1, 0.2, 0.0, 0.5], [0.3, 0.2, 0.2, -0.5], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]
-    )
-    labels = torch.tensor([1, 1, 2, 1])
-    norm = DeltaNorm.fit(deltas[:3], labels[:3], 3)
-    # Class 1: means (0.2, 0.2, 0.1, 0), population stds (0.1, 0 -> 1, 0.1, 0.5); class 2: one target,
-    # so its own mean and std 1; class 3: none, mean 0 and std 1.
-    assert_close(norm.mean, torch.tensor([[0.2, 0.2, 0.1, 0.0], [1, 1, 1, 1], [0, 0, 0, 0]]))
-    assert_close(norm.std, torch.tensor([[0.1, 1, 0.1, 0.5], [1, 1, 1, 1], [1, 1, 1, 1]]))
-    normalised = norm.normalize(deltas, labels)
-    assert_close(
-        normalised,
-        torch.tensor([[-1.0, 0, -1, 1], [1, 0, 1, -1], [0, 0, 0, 0], [-2, -0.2, -1, 0]]),
-    )
-    assert_close(norm.denormalize(normalised, labels), deltas)
-
-
-def test_regression_targets_take_matched_rois_and_mirrored_copies():
-    gt = torch.tensor([[0.0, 0, 10, 10]])
-    rois = torch.tensor([[0.0, 0, 10, 10], [1, 0, 11, 10], [30, 30, 40, 40]])  # gt, IoU 0.82, 0
-    m = match(rois, gt, torch.tensor([2]), 0.5)
-    deltas, labels = regression_targets([rois], [gt], [m], mirrored=False)
-    # The ground truth's own target is 0; the shifted box's centre is 0.1 of its width to the left.
-    assert_close(deltas, torch.tensor([[0.0, 0, 0, 0], [-0.1, 0, 0, 0]]))
-    assert labels.tolist() == [2, 2]
-    both, labels = regression_targets([rois], [gt], [m], mirrored=True)
-    assert_close(both[2:], torch.tensor([[0.0, 0, 0, 0], [0.1, 0, 0, 0]]))
-    assert labels.tolist() == [2, 2, 2, 2]
-    norm = DeltaNorm.fit(both, labels, 2)
-    assert_close(norm.mean[1], torch.zeros(4))  # mirrored copies centre dx
-    assert_close(norm.std[1], torch.tensor([0.005**0.5, 1, 1, 1]))  # sqrt((0.01 + 0.01) / 4)
-
-
-def _fixed_head(k: int, fc_dim: int, cls_bias: list[float], deltas: list[float]):
-    """cls_score and bbox_pred that ignore fc7: constant logits and deltas."""
-    cls_score, bbox_pred = nn.Linear(fc_dim, k + 1), nn.Linear(fc_dim, 4 * k)
-    for layer, bias in ((cls_score, cls_bias), (bbox_pred, deltas)):
-        nn.init.zeros_(layer.weight)
-        layer.bias.data = torch.tensor(bias)
-    return cls_score, bbox_pred
-
-
-def test_targets_normalised_in_training_and_mapped_back_at_test():
-    norm = DeltaNorm(torch.tensor([[0.1, -0.1, 0.0, 0.2]]), torch.tensor([[0.5, 0.5, 0.25, 0.25]]))
-    gt = torch.tensor([[10.0, 10, 30, 40]])
-    rois = torch.tensor([[12.0, 8, 32, 36]])
-    m = match(rois, gt, torch.tensor([1]), 0.5)
-    cfg = _tiny_cfg(rois_per_image=1, fg_fraction=1.0)
-    _, _, targets = sample_rois(rois, gt, m, cfg, torch.Generator().manual_seed(0), norm)
-    want = (encode_deltas(rois, gt) - norm.mean) / norm.std
-    assert_close(targets, want)
-    # A head that predicts exactly that target puts the box back on the ground truth.
-    net = build_backbone(BackboneConfig())
-    heads = _fixed_head(1, net.fc_dim, [0.0, 5.0], targets[0].tolist())
-    features = torch.zeros(1, net.channels, 4, 4)
-    det = head_detections(
-        net, net.head, heads, features, rois, 1.0, (64, 64), cfg, StageTimer("cpu"), norm=norm
-    )
-    assert_close(det.boxes, gt)
-    fixed = head_detections(
-        net, net.head, heads, features, rois, 1.0, (64, 64), cfg, StageTimer("cpu")
-    )
-    assert_close(fixed.boxes[0], decode_deltas(rois, targets, cfg.bbox_stds)[0])  # bbox_stds only
-
-
-def test_dedup_pools_duplicates_once_and_maps_them_back():
-    net = build_backbone(BackboneConfig())
-    features = torch.randn(1, net.channels, 6, 6)
-    # At s = 2 and stride 16, RoIs 0 and 1 are both (0, 0, 2, 2) on the map; RoI 2 is (2, 2, 5, 5).
-    proposals = torch.tensor([[0.0, 0, 16, 16], [1, 1, 15, 17], [16, 16, 40, 40]])
-    heads = fast_rcnn.new_heads(net.fc_dim, 2)
-    nn.init.normal_(heads[1].weight, std=0.1)  # deltas that move the boxes
-    cfg = _tiny_cfg(test_topk="fixed", score_thresh=0.0)  # every (RoI, class) pair a candidate
-    pooled, candidates = [], []
-
-    def pool_spy(*args):
-        pooled.append(len(args[2]))
-        return real_pool(*args)
-
-    def select_spy(boxes, scores, labels, *args):  # candidates in (RoI, class) order
-        candidates.append((boxes.reshape(3, 2, 4), scores.reshape(3, 2)))
-        return real_select(boxes, scores, labels, *args)
-
-    real_pool, real_select = fast_rcnn.pool_rois, fast_rcnn.select
-    with (
-        mock.patch.object(fast_rcnn, "pool_rois", side_effect=pool_spy),
-        mock.patch.object(fast_rcnn, "select", side_effect=select_spy),
-    ):
-        for dedup in (1 / 16, 0.0):
-            head_detections(
-                net,
-                net.head,
-                heads,
-                features,
-                proposals,
-                2.0,
-                (48, 48),
-                cfg,
-                StageTimer("cpu"),
-                dedup=dedup,
-            )
-    assert pooled == [2, 3]  # two unique RoIs pooled with dedup, three without
-    (boxes_on, scores_on), (boxes_off, scores_off) = candidates
-    # RoI 1 gets RoI 0's scores (the same pooled features either way) and RoI 0's regressed boxes.
-    assert torch.equal(scores_on, scores_off)
-    assert torch.equal(boxes_on[1], boxes_on[0]) and not torch.equal(boxes_off[1], boxes_off[0])
-    assert torch.equal(boxes_on[[0, 2]], boxes_off[[0, 2]])
-
-
 def test_adaptive_detect_keeps_at_most_max_per_image_per_class(tiny_voc):
     data = _tiny_data(tiny_voc, images=1)
     det = FastRCNN(_tiny_cfg(max_per_image=1), build_context(4))
@@ -366,7 +176,7 @@ def test_adaptive_detect_keeps_at_most_max_per_image_per_class(tiny_voc):
 
 
 def test_model_size_counts_what_each_variant_runs():
-    from pipelines.svd import compress_head
+    from rcnn_bench.pipelines.parts.svd import compress_head
 
     det = FastRCNN(FastRCNNConfig(svd_ranks=((16, 8),)), build_context(3))
     det.svd_heads["svd_16_8"] = compress_head(det.net.head, (16, 8))
@@ -393,33 +203,6 @@ def test_svd_ranks_name_the_variants_and_bad_ones_fail():
         FastRCNN(FastRCNNConfig(svd_ranks=((16, 8),), variants=("svd_8_8",)), build_context(3))
 
 
-def test_svms_score_the_rois_in_place_of_the_softmax():
-    # SVMs whose weights pick two of fc7's units score the one RoI by hand; cls_score says class
-    # 1 whatever fc7 is, the SVMs say what their scores say.
-    torch.manual_seed(0)
-    net = build_backbone(BackboneConfig())
-    features = torch.randn(1, net.channels, 4, 4)
-    rois = torch.tensor([[8.0, 8, 40, 40]])
-    with torch.no_grad():
-        fc7 = net(pool_rois(net, features, boxes_to_rois([rois])))[0]
-    a, b = fc7.topk(2).indices.tolist()  # two units that fire
-    weight = torch.zeros(net.fc_dim, 2)
-    weight[a, 0], weight[b, 1] = -1.0, 1.0
-    svms = SVMHead(weight, torch.tensor([0.0, 3.0]), 2.0, 1.0, None)
-    heads = _fixed_head(2, net.fc_dim, [0.0, 5.0, 0.0], [0.0] * 8)
-    args = (net, net.head, heads, features, rois, 1.0, (64, 64), _tiny_cfg())
-    soft = head_detections(*args, StageTimer("cpu"))
-    assert soft.labels.tolist()[0] == 1
-    svm = head_detections(*args, StageTimer("cpu"), svms=(svms, -100.0))
-    want = torch.tensor([-2.0 * float(fc7[a]), 2.0 * float(fc7[b]) + 3.0])  # classes 1, 2
-    assert float(fc7[b]) > 0
-    order = want.argsort(descending=True)
-    assert_close(svm.scores, want[order])
-    assert svm.labels.tolist() == (order + 1).tolist()
-    above = head_detections(*args, StageTimer("cpu"), svms=(svms, float(want.max()) - 1e-3))
-    assert above.labels.tolist() == [int(order[0]) + 1]  # the fixed threshold is the SVMs'
-
-
 def test_svm_variant_trains_post_hoc_svms_on_fc7_with_rcnn_stage(tiny_voc, tmp_path):
     data = _tiny_data(tiny_voc, images=3)
     cfg = _tiny_cfg(solver=SolverConfig(iters=2), variants=("svm",), svm=SVMConfig(retrain_limit=5))
@@ -443,3 +226,14 @@ def test_svm_variant_trains_post_hoc_svms_on_fc7_with_rcnn_stage(tiny_voc, tmp_p
     assert len(d.scores)
     for score, label in zip(d.scores, d.labels, strict=True):
         assert (scores[:, label - 1] - score).abs().min() < 1e-4
+
+
+def test_svm_variant_stage_settings_are_rcnn_defaults_with_this_blocks_solver():
+    from rcnn_bench.pipelines.rcnn import RCNNConfig
+
+    # The "svm" variant trains as R-CNN's SVM stage does by default; its solver is this block's.
+    stage, rcnn = SVMStageConfig(), RCNNConfig()
+    for key in ("feature_norm", "svm_neg_iou", "bbox_lambda", "bbox_min_iou", "features"):
+        assert getattr(stage, key) == getattr(rcnn, key), key
+    assert stage.keep_feature_cache is rcnn.keep_feature_cache is False
+    assert stage.svm == rcnn.svm

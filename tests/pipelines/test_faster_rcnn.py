@@ -6,16 +6,18 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from rcnn_bench.datasets.voc import VOCDataset
+from rcnn_bench.pipelines.faster_rcnn import FasterRCNN, FasterRCNNConfig, build_rpn, propose
+from rcnn_bench.pipelines.originals import render
+from rcnn_bench.pipelines.parts.backbones import BackboneConfig, build_backbone, trunk_convs
+from rcnn_bench.pipelines.parts.boxes import box_iou
+from rcnn_bench.pipelines.parts.conv_map import prepare_image
+from rcnn_bench.pipelines.parts.detections import TrainData
+from rcnn_bench.pipelines.parts.training import SolverConfig
+from rcnn_bench.pipelines.runtime.timing import StageTimer
 from torch import Tensor, nn
 from torch.testing import assert_close
 
-from datasets.voc import VOCDataset
-from pipelines.backbones import BackboneConfig, build_backbone, trunk_convs
-from pipelines.boxes import box_iou
-from pipelines.detector import TrainData
-from pipelines.faster_rcnn import FasterRCNN, FasterRCNNConfig, build_rpn, propose
-from pipelines.timing import StageTimer
-from pipelines.training import SolverConfig
 from tests.conftest import build_context
 from tests.pipelines.helpers import sgd_steps
 
@@ -170,6 +172,36 @@ def test_fit_never_reads_shared_proposals_and_detect_makes_its_own(tiny_voc):
     assert det.paper_schedule({"train": 3.0})["hours"] == pytest.approx(3.0 * 70000 / 3 / 3600)
 
 
+def test_each_forward_pass_runs_one_unpadded_image_and_a_step_averages_two(tiny_voc):
+    # py-faster-rcnn: IMS_PER_BATCH 1 per pass, iter_size 2 passes per SGD step.
+    ds = VOCDataset(tiny_voc[0], "trainval")
+    images = [ds.load_image(i) for i in range(len(ds))]
+    data = TrainData(images, ds.annotations, _Untouchable(), 4)
+    cfg = FasterRCNNConfig(
+        scale=64, max_size=128, anchor_sizes=(16, 32, 64), solver=SolverConfig(iters=3), flip=False
+    )
+    det = FasterRCNN(cfg, build_context(4))
+    scaled = set()
+    for image in images:
+        x, _ = prepare_image(torch.from_numpy(image), cfg.scale, cfg.max_size)
+        scaled.add(tuple(x.shape))
+    shapes, parts = [], []
+    det.net.trunk.register_forward_pre_hook(lambda _, args: shapes.append(tuple(args[0].shape)))
+    make = det._loss_fn
+
+    def recording(*args):
+        fn = make(*args)
+        return lambda it: parts.append(fn(it)) or parts[-1]
+
+    det._loss_fn = recording
+    with sgd_steps() as steps:
+        info = det.fit(data, StageTimer("cpu"))
+    assert len(steps) == 3 and len(shapes) == len(parts) == 6  # two passes per SGD step
+    assert all(s[0] == 1 and s[1:] in scaled for s in shapes)  # one image, as resized: no padding
+    # A step's loss is the sum of its passes' (each an image's loss / images_per_batch): the mean.
+    assert info["final_loss"] == pytest.approx(float(sum(p.detach() for p in parts)) / 3)
+
+
 def test_frozen_convs_stay_put_and_biases_take_the_solver_multiplier(tiny_voc):
     ds = VOCDataset(tiny_voc[0], "trainval")
     data = TrainData([ds.load_image(i) for i in range(2)], ds.annotations[:2], _Untouchable(), 4)
@@ -193,10 +225,13 @@ def test_frozen_convs_stay_put_and_biases_take_the_solver_multiplier(tiny_voc):
 
 
 def test_fidelity_rows_follow_the_config():
-    rows = {r.name: r for r in FasterRCNN.fidelity(FasterRCNNConfig())}
+    rows = {r.name: r for r in render(FasterRCNN.originals, FasterRCNNConfig(), "vgg16")}
     assert rows["RPN top-N after NMS, test"].status == "match"
     assert rows["leading conv layers frozen"].status == "deviation"  # 0 by default, 4 in VGG16's
-    changed = {r.name: r for r in FasterRCNN.fidelity(FasterRCNNConfig(rpn_post_nms_test=1000))}
+    changed = {
+        r.name: r
+        for r in render(FasterRCNN.originals, FasterRCNNConfig(rpn_post_nms_test=1000), "vgg16")
+    }
     assert changed["RPN top-N after NMS, test"].value == "1000"
     assert changed["RPN top-N after NMS, test"].status == "deviation"
     assert all("py-faster-rcnn@" in r.source for r in rows.values())
@@ -222,3 +257,14 @@ def test_no_candidate_above_the_score_threshold_gives_no_detections():
     t = StageTimer("cpu")
     d = det.detect(image, None, t)
     assert d.boxes.shape == (0, 4) and set(t.seconds) == set(FasterRCNN.stage_groups)
+
+
+def test_difficult_objects_are_targets_only_where_the_block_says(tiny_voc):
+    ds = VOCDataset(tiny_voc[0], "trainval")
+    i = next(k for k, a in enumerate(ds.annotations) if a.difficult.any())
+    data = TrainData([], ds.annotations, [], 4, train_difficult=True)
+    ann = ds.annotations[i]
+    for use, expected in ((False, int((~ann.difficult).sum())), (True, len(ann.labels))):
+        det = FasterRCNN(replace(SMALL, use_difficult=use), build_context(4))
+        boxes, labels = det.training_split(data).ground_truth(i)
+        assert len(boxes) == len(labels) == expected

@@ -20,10 +20,9 @@ import cv2
 import numpy as np
 import pytest
 from distributed import LocalCluster
-
-from datasets.voc import DatasetError, VOCDataset
-from pipelines import proposals as P
-from pipelines.proposals import (
+from rcnn_bench.datasets.voc import DatasetError, VOCDataset
+from rcnn_bench.pipelines.parts import proposals as P
+from rcnn_bench.pipelines.parts.proposals import (
     ProposalCacheError,
     ProposalConfig,
     ProposalSet,
@@ -32,6 +31,7 @@ from pipelines.proposals import (
     load_or_compute,
     selective_search,
 )
+
 from tests.conftest import default_sigint
 
 CFG = ProposalConfig(resize_max_side=64, max_proposals=50, min_side=3)
@@ -112,6 +112,12 @@ def test_sha1_covers_ids_and_boxes_but_not_timings():
     assert ProposalSet(["a", "bc"], boxes[::-1], props.seconds).sha1() != expected
 
 
+def test_images_at_the_cap_are_counted():
+    boxes = [np.zeros((n, 4), np.float32) for n in (3, 0, 2, 3)]
+    props = ProposalSet(["a", "b", "c", "d"], boxes, np.zeros(4))
+    assert [props.images_at(cap) for cap in (1, 2, 3, 4)] == [3, 3, 2, 0]
+
+
 def test_computed_once_then_read_from_cache(tiny_voc, tmp_path):
     ds = VOCDataset(tiny_voc[0], "trainval")
     first, cached = load_or_compute(ds, CFG, tmp_path, workers=2)
@@ -119,6 +125,7 @@ def test_computed_once_then_read_from_cache(tiny_voc, tmp_path):
     with mock.patch.object(P, "compute", side_effect=AssertionError("recomputed")):
         second, cached = load_or_compute(ds, CFG, tmp_path, workers=1)
     assert cached and second.sha1() == first.sha1()
+    assert not first.from_cache and second.from_cache  # where its recorded seconds were measured
     for a, b in zip(first.boxes, second.boxes, strict=True):
         np.testing.assert_array_equal(a, b)
     stats = second.stats(ds)
@@ -128,6 +135,22 @@ def test_computed_once_then_read_from_cache(tiny_voc, tmp_path):
     assert P.cache_path(tmp_path, ds, CFG) != P.cache_path(tmp_path, ds, ProposalConfig())
     reseeded = ProposalConfig(**{**vars(CFG), "seed": 1})
     assert P.cache_path(tmp_path, ds, CFG) != P.cache_path(tmp_path, ds, reseeded)
+
+
+def test_time_search_times_the_asked_images_and_keeps_opencvs_threads(tiny_voc):
+    ds = VOCDataset(tiny_voc[0], "trainval")
+    threads = cv2.getNumThreads()
+    seen, original = [], P._worker
+
+    def worker(job):
+        seen.append(job[1])
+        return original(job)
+
+    with mock.patch.object(P, "_worker", side_effect=worker):
+        seconds = P.time_search(ds, [2, 0], CFG)
+    assert seconds.shape == (2,) and (seconds > 0).all()
+    assert seen == [ds.image_ids[2], ds.image_ids[0]]
+    assert cv2.getNumThreads() == threads  # the process's own setting is given back
 
 
 def test_cache_of_another_split_is_refused(tiny_voc, tmp_path):
@@ -294,9 +317,9 @@ _CHILD = textwrap.dedent(
     """
     import sys
 
-    from datasets.voc import VOCDataset
-    from pipelines import executors
-    from pipelines import proposals as P
+    from rcnn_bench.datasets.voc import VOCDataset
+    from rcnn_bench.pipelines.runtime import executors
+    from rcnn_bench.pipelines.parts import proposals as P
 
 
     def announce(items, *args, **kwargs):  # stands in for the executors' progress bar

@@ -6,28 +6,23 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from rcnn_bench.datasets.voc import VOCDataset
+from rcnn_bench.pipelines.parts.backbones import (
+    BackboneConfig,
+    build_backbone,
+    normalize_image,
+    trunk_convs,
+)
+from rcnn_bench.pipelines.parts.batches import training_regions
+from rcnn_bench.pipelines.parts.detections import TrainData
+from rcnn_bench.pipelines.parts.proposals import ProposalConfig, load_or_compute
+from rcnn_bench.pipelines.parts.svm import SVMConfig
+from rcnn_bench.pipelines.parts.svm_head import train_svm_head
+from rcnn_bench.pipelines.parts.training import SolverConfig
+from rcnn_bench.pipelines.rcnn import RCNN, RCNNConfig
+from rcnn_bench.pipelines.runtime.timing import StageTimer
 from torch.testing import assert_close
 
-from datasets.voc import VOCDataset
-from pipelines.backbones import BackboneConfig, build_backbone
-from pipelines.bbox_regression import BoxRegressors
-from pipelines.boxes import flip_boxes
-from pipelines.detector import ScoreBudget, TrainData, normalize_image
-from pipelines.proposals import ProposalConfig, load_or_compute
-from pipelines.rcnn import (
-    RCNN,
-    RCNNConfig,
-    SVMHead,
-    choose_features,
-    mirror_regions,
-    svm_detections,
-    train_svm_head,
-    training_regions,
-)
-from pipelines.svm import SVMConfig
-from pipelines.timing import StageTimer
-from pipelines.training import SolverConfig
-from pipelines.warp import warp_regions
 from tests.conftest import build_context
 from tests.pipelines.helpers import jittered_proposals, sgd_steps
 
@@ -77,21 +72,6 @@ def test_tiny_fit_records_every_stage_and_detects(tiny_voc, tmp_path):
     assert sched["hours"] == (2.0 * 100000 / 2 + 2.0) / 3600
 
 
-def test_mirroring_flips_the_warped_region_exactly():
-    gen = torch.Generator().manual_seed(0)
-    image = torch.randn(3, 30, 40, generator=gen)
-    boxes = torch.tensor([[2.0, 3, 20, 25], [10, 0, 39, 17], [0, 5, 12, 30], [5, 5, 30, 28]])
-    regions = warp_regions(image, boxes, 16, 2)
-    flipped = torch.tensor([True, False, False, True])
-    out = mirror_regions(regions, flipped)
-    for k in range(4):
-        assert torch.equal(out[k], regions[k].flip(2) if flipped[k] else regions[k])
-    # A mirrored region is the region of the mirrored box in the mirrored image, as when Caffe mirrors
-    # the window it cropped (to float rounding of the sample positions).
-    mirrored = warp_regions(image.flip(2), flip_boxes(boxes, 40), 16, 2)
-    assert_close(regions.flip(3), mirrored, atol=1e-4, rtol=0)
-
-
 def _tiny_data(tiny_voc, images: int = 3) -> TrainData:
     ds = VOCDataset(tiny_voc[0], "trainval")
     anns = ds.annotations[:images]
@@ -102,51 +82,35 @@ def _tiny_data(tiny_voc, images: int = 3) -> TrainData:
     )
 
 
-def test_finetuning_groups_multipliers_and_step(tiny_voc, tmp_path):
+@pytest.mark.parametrize("frozen", [0, 1])
+def test_finetuning_groups_multipliers_and_step(frozen, tiny_voc, tmp_path):
     lr = 0.01
     solver = SolverConfig(iters=2, lr=lr, lr_step=1, bias_lr_mult=2.0, bias_decay=False)
-    cfg = RCNNConfig(context_pad=4, solver=solver, batch_size=8, cls_lr_mult=10.0)
+    cfg = RCNNConfig(
+        context_pad=4, solver=solver, batch_size=8, cls_lr_mult=10.0, frozen_convs=frozen
+    )
     det = RCNN(cfg, build_context(4, tmp_path))
     data = _tiny_data(tiny_voc)
     rois, _, matches = training_regions(data, cfg.fg_iou)
     with sgd_steps() as steps:
         det._finetune(data, rois, matches)
-    net_w = {id(p) for p in det.net.parameters() if p.ndim > 1}
-    net_b = {id(p) for p in det.net.parameters() if p.ndim == 1}
+    still = {id(p) for c in trunk_convs(det.net)[:frozen] for p in c.parameters()}
+    net_w = {id(p) for p in det.net.parameters() if p.ndim > 1} - still
+    net_b = {id(p) for p in det.net.parameters() if p.ndim == 1} - still
     cls_w, cls_b = {id(det.cls.weight)}, {id(det.cls.bias)}
-    # Every layer trains (nothing frozen); biases 2x without decay; the new classifier 10x (bias 20x);
-    # the second iteration at a tenth of the first's rate.
-    want = [(net_w, 1.0, 5e-4), (net_b, 2.0, 0.0), (cls_w, 10.0, 5e-4), (cls_b, 20.0, 0.0)]
+    # Every layer trains but the first `frozen` convolutions (the original: none frozen); biases 2x
+    # without decay; the new classifier 10x (bias 20x); the second iteration at a tenth of the rate.
+    want = {(1.0, 5e-4): net_w, (2.0, 0.0): net_b, (10.0, 5e-4): cls_w, (20.0, 0.0): cls_b}
     for k, step in enumerate(steps):
-        got = [(g["params"], g["lr_mult"], g["weight_decay"]) for g in step]
+        got: dict[tuple[float, float], set[int]] = {}
+        for g in step:
+            got.setdefault((g["lr_mult"], g["weight_decay"]), set()).update(g["params"])
+            assert g["lr"] == pytest.approx(lr * 0.1**k * g["lr_mult"])
         assert got == want
-        assert [g["lr"] for g in step] == pytest.approx([lr * 0.1**k * m for _, m, _ in want])
+    assert [p.requires_grad for p in det.net.parameters()] == [
+        id(p) not in still for p in det.net.parameters()
+    ]
     assert len(steps) == 2
-
-
-def test_svm_scores_through_the_adaptive_budget():
-    # Three regions apart from each other, SVM scores equal to fc7 (identity weights): with at most
-    # one candidate per class and image, each class keeps its best region; without, every region above
-    # -1.1 stays.
-    fc7 = torch.tensor([[0.5, -2.0], [2.0, -1.0], [-1.5, 0.25]])
-    k = 2
-    regressors = BoxRegressors(
-        torch.zeros(k, 1, 4),
-        torch.zeros(k, 4),
-        torch.eye(4).repeat(k, 1, 1),
-        torch.zeros(k, 4),
-        torch.zeros(k, dtype=torch.bool),
-        [0, 0],
-    )
-    head = SVMHead(torch.eye(k), torch.zeros(k), 1.0, 1.0, regressors)
-    boxes = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]])
-    args = (fc7, torch.zeros(3, 1), boxes, head, RCNNConfig(), (60, 60), StageTimer("cpu"))
-    fixed = svm_detections(*args)
-    assert fixed.scores.tolist() == [2.0, 0.5, 0.25, -1.0]
-    budget = ScoreBudget(k, max_per_image=1, max_per_set=None)
-    adaptive = svm_detections(*args, budget=budget)
-    assert adaptive.scores.tolist() == [2.0, 0.25] and adaptive.labels.tolist() == [1, 2]
-    assert torch.equal(adaptive.boxes, boxes[[1, 2]])
 
 
 def _svm_head_of(det: RCNN, data: TrainData, features: str, tmp_path, calls: list[int]):
@@ -196,12 +160,6 @@ def test_features_none_recomputes_and_trains_the_disk_strategys_svms(tiny_voc, t
 
 
 def test_auto_features_follow_the_free_disk(tiny_voc, tmp_path, monkeypatch):
-    # An fc7 cache of 100 bytes: auto keeps it with 125 bytes free (the 1.25 margin), not with 124.
-    assert choose_features("auto", 100, 125) == "disk"
-    assert choose_features("auto", 100, 124) == "none"
-    assert (
-        choose_features("disk", 100, 0) == "disk" and choose_features("none", 100, 10**9) == "none"
-    )
     data = _tiny_data(tiny_voc, images=2)
     det = RCNN(RCNNConfig(context_pad=4), build_context(4, tmp_path))
     fc7_bytes = 2 * 256 * sum(len(r) for r in training_regions(data, 0.5)[0])
@@ -232,8 +190,8 @@ def test_cache_bytes_follow_the_feature_strategy():
 
 
 def test_variants_cut_the_network_and_train_svms_on_their_own_layer(tiny_voc, tmp_path):
-    from benchmarks.inference import count_costs
-    from benchmarks.run import weights_sha1
+    from rcnn_bench.benchmarks.harness.inference import count_costs
+    from rcnn_bench.benchmarks.harness.run import weights_sha1
 
     data = _tiny_data(tiny_voc)
     cfg = RCNNConfig(

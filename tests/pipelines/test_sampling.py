@@ -3,8 +3,7 @@ from __future__ import annotations
 import itertools
 
 import torch
-
-from pipelines.sampling import (
+from rcnn_bench.pipelines.parts.sampling import (
     RegionIndex,
     match,
     sample_fg_bg,

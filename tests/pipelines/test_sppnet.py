@@ -3,17 +3,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from rcnn_bench.datasets.voc import VOCDataset
+from rcnn_bench.pipelines.originals import render
+from rcnn_bench.pipelines.parts.conv_map import prepare_image
+from rcnn_bench.pipelines.parts.detections import TrainData
+from rcnn_bench.pipelines.parts.proposals import ProposalConfig, load_or_compute
+from rcnn_bench.pipelines.parts.svm import SVMConfig
+from rcnn_bench.pipelines.parts.training import SolverConfig
+from rcnn_bench.pipelines.runtime.timing import StageTimer
+from rcnn_bench.pipelines.sppnet import SPPnet, SPPnetConfig, spatial_pyramid_pool, spp_head
 from torch import nn
 from torch.testing import assert_close
 
-from datasets.voc import VOCDataset
-from pipelines.detector import TrainData
-from pipelines.fast_rcnn import prepare_image
-from pipelines.proposals import ProposalConfig, load_or_compute
-from pipelines.sppnet import SPPnet, SPPnetConfig, spatial_pyramid_pool, spp_head
-from pipelines.svm import SVMConfig
-from pipelines.timing import StageTimer
-from pipelines.training import SolverConfig
 from tests.conftest import build_context
 
 
@@ -113,10 +114,10 @@ def test_detect_on_zero_proposals_and_on_proposals(tiny_voc, tmp_path):
 
 
 def test_fidelity_rows_follow_the_config():
-    rows = {r.name: r for r in SPPnet.fidelity(SPPnetConfig())}
+    rows = {r.name: r for r in render(SPPnet.originals, SPPnetConfig(), "vgg16")}
     assert rows["pyramid levels (l x l bins)"].status == "match"
     assert rows["SVM C"].status == "match"
-    changed = {r.name: r for r in SPPnet.fidelity(SPPnetConfig(levels=(1, 2, 4)))}
+    changed = {r.name: r for r in render(SPPnet.originals, SPPnetConfig(levels=(1, 2, 4)), "vgg16")}
     assert changed["pyramid levels (l x l bins)"].value == "1, 2, 4"
     assert changed["pyramid levels (l x l bins)"].status == "deviation"
     assert all("SPP_net@" in r.source for r in rows.values())

@@ -1,10 +1,9 @@
 from __future__ import annotations
 
 import torch
+from rcnn_bench.pipelines.parts.svd import compress_head, truncate_linear
 from torch import nn
 from torch.testing import assert_close
-
-from pipelines.svd import compress_head, truncate_linear
 
 
 def test_full_rank_is_exact_and_truncation_shrinks_cost():

@@ -1,8 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
-
-from pipelines.svm import SVMConfig, train_svms
+from rcnn_bench.pipelines.parts.svm import SVMConfig, train_svms
 
 
 def separable(seed=0, images=12, per_image=300, d=8):

@@ -5,14 +5,13 @@ from unittest import mock
 
 import pytest
 import torch
+from rcnn_bench.pipelines.runtime.timing import StageTimer, arithmetic, device_clock, tf32_allowed
 from torch import nn
-
-from pipelines.timing import StageTimer, arithmetic, device_clock, tf32_allowed
 
 
 def test_stages_accumulate_exactly():
     ticks = iter([0.0, 1.5, 2.0, 2.25, 10.0, 10.0])  # start, end of each of the three stages
-    with mock.patch("pipelines.timing.time.perf_counter", lambda: next(ticks)):
+    with mock.patch("rcnn_bench.pipelines.runtime.timing.time.perf_counter", lambda: next(ticks)):
         timer = StageTimer("cpu")
         for _ in range(2):
             with timer.stage("a"):
@@ -66,7 +65,7 @@ def test_cuda_stage_is_timed_by_events_after_a_synchronize():
 
 def test_device_clock_on_the_cpu_is_wall_time():
     ticks = iter([3.0, 3.5])
-    with mock.patch("pipelines.timing.time.perf_counter", lambda: next(ticks)):
+    with mock.patch("rcnn_bench.pipelines.runtime.timing.time.perf_counter", lambda: next(ticks)):
         with device_clock(torch.device("cpu")) as took:
             assert took == []
     assert took == [0.5]

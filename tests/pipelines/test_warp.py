@@ -3,9 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from rcnn_bench.pipelines.parts.boxes import flip_boxes
+from rcnn_bench.pipelines.parts.warp import dilate_for_context, mirror_regions, warp_regions
 from torch.testing import assert_close
-
-from pipelines.warp import dilate_for_context, warp_regions
 
 
 def slow_warp(image: np.ndarray, box, size: int, pad: int) -> np.ndarray:
@@ -71,3 +71,18 @@ def test_outside_is_zero_and_context_geometry():
 
 def test_no_boxes():
     assert warp_regions(torch.zeros(3, 10, 10), torch.zeros((0, 4)), 8, 2).shape == (0, 3, 8, 8)
+
+
+def test_mirroring_flips_the_warped_region_exactly():
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(3, 30, 40, generator=gen)
+    boxes = torch.tensor([[2.0, 3, 20, 25], [10, 0, 39, 17], [0, 5, 12, 30], [5, 5, 30, 28]])
+    regions = warp_regions(image, boxes, 16, 2)
+    flipped = torch.tensor([True, False, False, True])
+    out = mirror_regions(regions, flipped)
+    for k in range(4):
+        assert torch.equal(out[k], regions[k].flip(2) if flipped[k] else regions[k])
+    # A mirrored region is the region of the mirrored box in the mirrored image, as when Caffe mirrors
+    # the window it cropped (to float rounding of the sample positions).
+    mirrored = warp_regions(image.flip(2), flip_boxes(boxes, 40), 16, 2)
+    assert_close(regions.flip(3), mirrored, atol=1e-4, rtol=0)

@@ -1,0 +1,75 @@
+"""The paper configs' fidelity tables: kept in docs/, and every deviation declared with its reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from rcnn_bench.benchmarks.cli import main
+from rcnn_bench.benchmarks.config import ConfigError, load_config
+from rcnn_bench.benchmarks.reporting.fidelity import PAPER_CONFIGS, fidelity_rows
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_docs_hold_each_paper_configs_table(name, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    config = f"benchmarks/configs/{name}.yaml"
+    assert main(["fidelity", "--config", config, "--markdown"]) == 0
+    made = capsys.readouterr().out
+    kept = (ROOT / "docs" / f"fidelity-{name}.md").read_text()
+    assert kept == made, (
+        f"docs/fidelity-{name}.md is stale: rcnn-bench fidelity --config {config} --markdown "
+        f"> docs/fidelity-{name}.md"
+    )
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_configs_declare_every_deviation_with_its_reason(name):
+    rows = fidelity_rows(load_config(ROOT / "benchmarks" / "configs" / f"{name}.yaml"))
+    undeclared = [
+        f"{r.pipeline}: {r.name}" for r in rows if r.status == "deviation" and not r.reason
+    ]
+    stale = [f"{r.pipeline}: {r.name}" for r in rows if r.status != "deviation" and r.reason]
+    assert undeclared == [], f"{name}.yaml departs from the originals without a reason"
+    assert stale == [], f"{name}.yaml declares deviations from rows that are not"
+
+
+def test_a_deviation_is_declared_and_shown_with_its_reason():
+    plain = {(r.pipeline, r.name): r for r in fidelity_rows(load_config(None))}
+    assert plain["rcnn", "foreground IoU"].status == "match"
+    cfg = load_config(
+        None,
+        [
+            "pipelines.rcnn.fg_iou=0.6",
+            "deviations.rcnn.foreground IoU=a stricter foreground",
+        ],
+    )
+    row = {(r.pipeline, r.name): r for r in fidelity_rows(cfg)}["rcnn", "foreground IoU"]
+    assert (row.value, row.status, row.reason) == ("0.6", "deviation", "a stricter foreground")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("deviations.rcnn.no such row=x", "deviations.rcnn: no row 'no such row'"),
+        ("deviations.nope.iterations run=x", "deviations.nope: no fidelity table"),
+        ("deviations.rcnn.iterations run=' '", "deviations.rcnn.iterations run: give the reason"),
+        ("deviations.rcnn=3", "deviations.rcnn: expected a mapping"),
+    ],
+)
+def test_bad_deviations_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_difficult_objects_are_each_pipelines_own_setting():
+    rows = fidelity_rows(load_config(ROOT / "benchmarks" / "configs" / "vgg16_voc07.yaml"))
+    found = {r.pipeline: r for r in rows if r.name == "difficult objects are training targets"}
+    assert {p: (r.original, r.value) for p, r in found.items()} == {
+        "rcnn": ("True", "True"),
+        "fast_rcnn": ("True", "True"),
+        "sppnet": ("True", "True"),
+        "faster_rcnn": ("False", "False"),  # py-faster-rcnn: use_diff False
+    }
