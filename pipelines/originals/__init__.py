@@ -2,7 +2,9 @@
 shared.py for the data, proposals, backbone and arithmetic every pipeline shares), each row the
 setting's name, the original's value, where the original's code sets it (file:line) and the rule that
 reads this run's value from the config. ``render`` turns a table and a config into the fidelity rows of
-results.json, the report and ``rcnn-bench fidelity``, so the table stays true as configs change.
+results.json, the report and ``rcnn-bench fidelity``, so the table stays true as configs change. A table
+names the networks its original has models of (Models); on any other backbone each row says which of
+the original's networks its value is taken from.
 
 A registered pipeline names its table (``Detector.originals``); the harness renders it.
 """
@@ -10,7 +12,7 @@ A registered pipeline names its table (``Detector.originals``); the harness rend
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from operator import attrgetter
 from typing import Any
 
@@ -19,6 +21,7 @@ __all__ = [
     "FAST_RCNN_REPO",
     "RCNN_REPO",
     "SPP_NET_REPO",
+    "Models",
     "Original",
     "PerNetwork",
     "Setting",
@@ -29,6 +32,9 @@ __all__ = [
     "solver",
 ]
 
+# The backbones' names (BackboneConfig.name) as the originals' notes spell them.
+_NETWORK_NAMES = {"vgg16": "VGG16", "alexnet": "AlexNet"}
+
 # The commits the file:line references point into.
 RCNN_REPO = "rbgirshick/rcnn@43b0334"
 FAST_RCNN_REPO = "rbgirshick/fast-rcnn@b612190"
@@ -38,10 +44,37 @@ FASTER_RCNN_REPO = "rbgirshick/py-faster-rcnn@781a917"
 
 @dataclass(frozen=True)
 class PerNetwork:
-    """An original's value that depends on the network: per backbone name (BackboneConfig.name),
-    the value. A network the original has no model for renders as such, status "unknown"."""
+    """An original's value that depends on the network.
+
+    Attributes:
+        values: per backbone name (BackboneConfig.name), the value. A backbone missing here renders
+            as "no <name> model", status "unknown".
+        stand_ins: per backbone the original has no model of (outside its table's Models), the
+            original's network its entry in ``values`` is taken from, where that is not the table's
+            ``Models.stand_in`` (py-faster-rcnn's AlexNet row: "VGG_CNN_M_1024").
+    """
 
     values: dict[str, object]
+    stand_ins: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Models:
+    """The networks an original has models of, and which of its networks the table's values are
+    taken from for any other backbone. On such a backbone each row's source opens with "<owner> has
+    no <network> model: value of its <stand-in> recipe", so that a match or a deviation says which
+    network it is measured against.
+
+    Attributes:
+        owner: the original, as the note names it ("py-faster-rcnn").
+        networks: the backbones (BackboneConfig.name) it has a model of; ``()`` where it has none.
+        stand_in: the original's network the rows' values are taken from for any other backbone
+            ("VGG16"); a PerNetwork row may name its own (PerNetwork.stand_ins).
+    """
+
+    owner: str
+    networks: tuple[str, ...]
+    stand_in: str
 
 
 @dataclass(frozen=True)
@@ -66,11 +99,13 @@ class Original:
 
 @dataclass(frozen=True)
 class Table:
-    """One pipeline's originals: ``repo`` (repository@commit, "" where rows cite in full) and rows."""
+    """One pipeline's originals: ``repo`` (repository@commit, "" where rows cite in full), rows, and
+    the networks the original has models of (None: its values hold for every backbone)."""
 
     pipeline: str
     repo: str
     rows: tuple[Original, ...]
+    models: Models | None = None
 
 
 @dataclass(frozen=True)
@@ -114,18 +149,28 @@ def render(
     Returns:
         One Setting per row, in the table's order: "match" when the value read equals the
         original's, "deviation" otherwise, "unknown" where the original's code does not settle it
-        or has no model of this network.
+        or a PerNetwork row has no value for this network. Where the table's original has no model
+        of this network (``table.models``), the source opens by naming the network the value is
+        taken from.
     """
     reasons = reasons or {}
+    models = table.models
+    foreign = models is not None and network not in models.networks
     out = []
     for row in table.rows:
         value = row.read(cfg) if callable(row.read) else attrgetter(row.read)(cfg)
-        original, known = row.value, row.known
+        original, known, stand_in = row.value, row.known, models.stand_in if foreign else ""
         if isinstance(original, PerNetwork):
-            known = known and network in original.values
+            if network not in original.values:
+                known, stand_in = False, ""  # no value from any network: "no <name> model"
+            elif foreign:
+                stand_in = original.stand_ins.get(network, stand_in)
             original = original.values.get(network, f"no {network} model")
         status = "unknown" if not known else ("match" if value == original else "deviation")
         source = f"{table.repo} {row.source}" if table.repo else row.source
+        if stand_in:
+            name = _NETWORK_NAMES.get(network, network)
+            source = f"{models.owner} has no {name} model: value of its {stand_in} recipe; {source}"
         text = _text(original), _text(value)
         reason = reasons.get(row.name, "")
         out.append(Setting(table.pipeline, row.name, text[0], source, text[1], status, reason))

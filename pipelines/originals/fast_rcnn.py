@@ -1,10 +1,13 @@
 """Fast R-CNN's training and test-time settings beside rbgirshick/fast-rcnn's (VGG16), read from a
-FastRCNNConfig."""
+FastRCNNConfig. Its CaffeNet model, AlexNet's counterpart, sets the same solver
+(models/CaffeNet/solver.prototxt:2-9) and multipliers (models/CaffeNet/train.prototxt:70-77, conv2's,
+every later layer alike) and freezes conv1 only (the frozen layers' row gives each network's value)."""
 
 from __future__ import annotations
 
 from rcnn_bench.pipelines.originals import (
     FAST_RCNN_REPO,
+    Models,
     Original,
     PerNetwork,
     Table,
@@ -75,4 +78,5 @@ FAST_RCNN = Table(
             nms=f"{_CONFIG}:96, lib/fast_rcnn/test.py:324",
         ),
     ),
+    Models("fast-rcnn", ("vgg16", "alexnet"), "VGG16"),
 )

@@ -1,9 +1,18 @@
 """Faster R-CNN's settings beside py-faster-rcnn's end-to-end VGG16 recipe on VOC07, read from a
-FasterRCNNConfig."""
+FasterRCNNConfig. py-faster-rcnn has models of VGG16, ZF and VGG_CNN_M_1024 (models/pascal_voc/), none
+of AlexNet: on another backbone the rows hold the VGG16 recipe's values, and the frozen conv layers
+VGG_CNN_M_1024's (AlexNet-size) for AlexNet, each row saying so."""
 
 from __future__ import annotations
 
-from rcnn_bench.pipelines.originals import FASTER_RCNN_REPO, Original, PerNetwork, Table, solver
+from rcnn_bench.pipelines.originals import (
+    FASTER_RCNN_REPO,
+    Models,
+    Original,
+    PerNetwork,
+    Table,
+    solver,
+)
 
 __all__ = ["FASTER_RCNN"]
 
@@ -31,10 +40,10 @@ FASTER_RCNN = Table(
         ),
         Original(
             "leading conv layers frozen",
-            PerNetwork({"vgg16": 4, "alexnet": 1}),
-            f"VGG16 conv1_1-conv2_2: {_NET}:20-27,45-52,81-88,106-113; no AlexNet model, its "
-            "AlexNet-size VGG_CNN_M_1024 freezes conv1: "
-            "models/pascal_voc/VGG_CNN_M_1024/faster_rcnn_end2end/train.prototxt:14-26",
+            PerNetwork({"vgg16": 4, "alexnet": 1}, {"alexnet": "VGG_CNN_M_1024"}),
+            f"VGG16 conv1_1-conv2_2: {_NET}:20-27,45-52,81-88,106-113; the AlexNet-size "
+            "VGG_CNN_M_1024 conv1: "
+            "models/pascal_voc/VGG_CNN_M_1024/faster_rcnn_end2end/train.prototxt:19-26",
             "frozen_convs",
         ),
         Original(
@@ -115,4 +124,5 @@ FASTER_RCNN = Table(
             lambda c: f"{c.max_per_class} per class",
         ),
     ),
+    Models("py-faster-rcnn", ("vgg16",), "VGG16"),
 )

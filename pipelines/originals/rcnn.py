@@ -4,7 +4,14 @@ VGG16 run is held to CaffeNet's settings."""
 
 from __future__ import annotations
 
-from rcnn_bench.pipelines.originals import RCNN_REPO, Original, Table, candidate_rule, solver
+from rcnn_bench.pipelines.originals import (
+    RCNN_REPO,
+    Models,
+    Original,
+    Table,
+    candidate_rule,
+    solver,
+)
 
 __all__ = ["RCNN"]
 
@@ -72,4 +79,5 @@ RCNN = Table(
             nms="imdb/imdb_eval_voc.m:35-36,62",
         ),
     ),
+    Models("rcnn", ("alexnet", "vgg16"), "CaffeNet"),
 )

@@ -1,9 +1,11 @@
-"""SPPnet's settings beside ShaoqingRen/SPP_net's VOC07 recipe (its released code is for the ZF-5
-network; the paper's VGG16 settings that differ are named in the sources), read from an SPPnetConfig."""
+"""SPPnet's settings beside ShaoqingRen/SPP_net's VOC07 recipe, read from an SPPnetConfig. The released
+code trains the ZF-5 network only (experiments/Script_spp_voc.m:17-18 loads Zeiler_conv5; model-defs/
+holds no other network): on every backbone the rows hold ZF-5's values, each row saying so. Where
+SPPnetConfig records the paper's value instead, the source says so."""
 
 from __future__ import annotations
 
-from rcnn_bench.pipelines.originals import SPP_NET_REPO, Original, Table, solver
+from rcnn_bench.pipelines.originals import SPP_NET_REPO, Models, Original, Table, solver
 
 __all__ = ["SPPNET"]
 
@@ -121,4 +123,5 @@ SPPNET = Table(
             "detections per class and image, after NMS", 100, f"{_TEST}:73,106-107", "max_per_class"
         ),
     ),
+    Models("SPP_net", (), "ZF-5"),
 )

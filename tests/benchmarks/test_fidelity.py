@@ -8,6 +8,12 @@ import pytest
 from rcnn_bench.benchmarks.cli import main
 from rcnn_bench.benchmarks.config import ConfigError, load_config
 from rcnn_bench.benchmarks.reporting.fidelity import PAPER_CONFIGS, fidelity_rows
+from rcnn_bench.pipelines.originals import (
+    FAST_RCNN_REPO,
+    FASTER_RCNN_REPO,
+    RCNN_REPO,
+    SPP_NET_REPO,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,3 +79,43 @@ def test_difficult_objects_are_each_pipelines_own_setting():
         "sppnet": ("True", "True"),
         "faster_rcnn": ("False", "False"),  # py-faster-rcnn: use_diff False
     }
+
+
+def paper_rows(name: str) -> dict:
+    rows = fidelity_rows(load_config(ROOT / "benchmarks" / "configs" / f"{name}.yaml"))
+    return {(r.pipeline, r.name): r for r in rows}
+
+
+def test_rows_of_an_original_without_the_backbone_name_the_network_they_are_from():
+    rows = paper_rows("alexnet_voc07")
+    vgg16 = "py-faster-rcnn has no AlexNet model: value of its VGG16 recipe; "
+    lr = rows["faster_rcnn", "base learning rate"]
+    assert lr.source == (
+        f"{vgg16}{FASTER_RCNN_REPO} models/pascal_voc/VGG16/faster_rcnn_end2end/solver.prototxt:2"
+    )
+    assert (lr.original, lr.value, lr.status) == ("0.001", "0.001", "match")
+    # VGG16's two images per step: VGG_CNN_M_1024's solver has no iter_size.
+    step = rows["faster_rcnn", "images per SGD step, one per forward pass"]
+    assert step.source.startswith(vgg16) and (step.original, step.status) == ("2", "match")
+    frozen = rows["faster_rcnn", "leading conv layers frozen"]
+    assert frozen.source == (
+        "py-faster-rcnn has no AlexNet model: value of its VGG_CNN_M_1024 recipe; "
+        f"{FASTER_RCNN_REPO} VGG16 conv1_1-conv2_2: "
+        "models/pascal_voc/VGG16/faster_rcnn_end2end/train.prototxt:20-27,45-52,81-88,106-113; "
+        "the AlexNet-size VGG_CNN_M_1024 conv1: "
+        "models/pascal_voc/VGG_CNN_M_1024/faster_rcnn_end2end/train.prototxt:19-26"
+    )
+    assert (frozen.original, frozen.value, frozen.status) == ("1", "1", "match")
+    svm_c = rows["sppnet", "SVM C"]
+    assert svm_c.source == (
+        f"SPP_net has no AlexNet model: value of its ZF-5 recipe; {SPP_NET_REPO} spp_train.m:43"
+    )
+    notes = {"faster_rcnn": "py-faster-rcnn has no AlexNet model: ", "sppnet": "SPP_net has no "}
+    for (pipeline, name), row in rows.items():
+        if pipeline in notes:
+            assert row.source.startswith(notes[pipeline]), (pipeline, name)
+    # R-CNN and Fast R-CNN have CaffeNet, AlexNet's counterpart: no note.
+    assert rows["rcnn", "SVM C"].source == f"{RCNN_REPO} rcnn_train.m:34"
+    assert (
+        rows["fast_rcnn", "momentum"].source == f"{FAST_RCNN_REPO} models/VGG16/solver.prototxt:9"
+    )

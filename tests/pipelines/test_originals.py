@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rcnn_bench.pipelines.originals import (
+    Models,
     Original,
     PerNetwork,
     Table,
@@ -62,6 +63,41 @@ def test_rows_read_paths_and_functions_of_the_block():
     assert rows(Table("p", "", (Original("iou", 0.5, "full/cite:1", "fg_iou"),)), Block())[0][
         2
     ] == ("full/cite:1")
+
+
+def test_a_backbone_the_original_has_no_model_of_names_the_network_each_value_is_from():
+    table = Table(
+        "p",
+        "o/r@1",
+        (
+            Original("iou", 0.5, "a.m:3", "fg_iou"),
+            Original(
+                "frozen",
+                PerNetwork({"net": 4, "small": 1}, {"small": "M-1024"}),
+                "e.m:7",
+                lambda c: len(c.levels),
+            ),
+            Original("side", PerNetwork({"net": 20.0}), "d.m:6", "fg_iou"),
+        ),
+        Models("orig", ("net",), "BIG"),
+    )
+
+    def seen(network: str) -> list[tuple[str, str, str]]:
+        return [(r.source, r.original, r.status) for r in render(table, Block(), network)]
+
+    assert seen("net") == [
+        ("o/r@1 a.m:3", "0.5", "match"),
+        ("o/r@1 e.m:7", "4", "deviation"),  # Block's 2 levels read as 2 frozen
+        ("o/r@1 d.m:6", "20", "deviation"),
+    ]
+    assert seen("small") == [
+        ("orig has no small model: value of its BIG recipe; o/r@1 a.m:3", "0.5", "match"),
+        ("orig has no small model: value of its M-1024 recipe; o/r@1 e.m:7", "1", "deviation"),
+        ("o/r@1 d.m:6", "no small model", "unknown"),  # no network's value: nothing to name
+    ]
+    assert (
+        seen("alexnet")[0][0] == "orig has no AlexNet model: value of its BIG recipe; o/r@1 a.m:3"
+    )
 
 
 def test_solver_rows_read_the_blocks_solver():
