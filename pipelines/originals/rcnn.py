@@ -1,6 +1,16 @@
 """R-CNN's fine-tuning, sampling, SVM, box-regression and test-time settings beside rbgirshick/rcnn's,
-read from an RCNNConfig. The repository's fine-tuning recipe is CaffeNet's (it has no VGG16 one), so a
-VGG16 run is held to CaffeNet's settings."""
+read from an RCNNConfig.
+
+The fine-tuning recipe on master (43b0334) is CaffeNet's; master has none for VGG16. The vgg-verydeep
+branch has one (rbgirshick/rcnn@f7ca3b3 finetuning/vgg16/): its solver is CaffeNet's (lr 1e-3, x0.1
+every 20k, at most 100k iterations: vgg16_pascal_finetune_solver.prototxt:4-11), and so are its layer
+multipliers (biases 2x without weight decay on every layer, e.g.
+vgg16_pascal_finetune_trainval_test.prototxt:53-56; fc8 10x, its bias 20x, :437-440), sampling,
+mirroring and context padding (:10-17). It differs in 24 windows per batch (:9; CaffeNet's 128), crops
+of 224 (:18; CaffeNet's 227) and training windows from VOC 2012 trainval (:8). A VGG16 run is held to
+CaffeNet's settings but for the batch, whose row gives each network's value; it warps to 224, the
+backbone's input, and trains on the config's data. The branch does not say how many iterations VGG16
+ran: the 70k of README.md:203 are CaffeNet's."""
 
 from __future__ import annotations
 
@@ -8,6 +18,7 @@ from rcnn_bench.pipelines.originals import (
     RCNN_REPO,
     Models,
     Original,
+    PerNetwork,
     Table,
     candidate_rule,
     solver,
@@ -17,6 +28,8 @@ __all__ = ["RCNN"]
 
 _SOLVER = "finetuning/voc_2007_prototxt/pascal_finetune_solver.prototxt"
 _TRAIN = "finetuning/voc_2007_prototxt/pascal_finetune_train.prototxt"
+# The VGG16 recipe of the vgg-verydeep branch (the table's repository@commit is master's).
+_VGG16 = "rbgirshick/rcnn@f7ca3b3 finetuning/vgg16/vgg16_pascal_finetune"
 _SNAPSHOT = "README.md:203 (the 70k snapshot; the solver allows 100k)"
 _TEST = "rcnn_test.m"
 _SVM = "rcnn_train.m"
@@ -27,7 +40,11 @@ RCNN = Table(
     RCNN_REPO,
     (
         *solver(
-            lr=(0.001, f"{_SOLVER}:5 (CaffeNet's recipe: the repository has no VGG16 one)"),
+            lr=(
+                0.001,
+                f"{_SOLVER}:5 (CaffeNet's recipe; master has none for VGG16, the vgg-verydeep "
+                f"branch's VGG16 solver sets the same: {_VGG16}_solver.prototxt:4-11)",
+            ),
             schedule=("x0.1 every 20000", f"{_SOLVER}:6-8"),
             momentum=(0.9, f"{_SOLVER}:11"),
             weight_decay=(0.0005, f"{_SOLVER}:12"),
@@ -49,10 +66,20 @@ RCNN = Table(
             "frozen_convs",
         ),
         Original("regions mirrored at random (p 1/2)", True, f"{_TRAIN}:12", "mirror"),
-        Original("regions per fine-tuning batch", 128, f"{_TRAIN}:10", "batch_size"),
+        Original(
+            "regions per fine-tuning batch",
+            PerNetwork({"alexnet": 128, "vgg16": 24}),
+            f"{_TRAIN}:10 (CaffeNet); VGG16, vgg-verydeep branch: {_VGG16}_trainval_test.prototxt:9",
+            "batch_size",
+        ),
         Original("foreground fraction", 0.25, f"{_TRAIN}:15", "fg_fraction"),
         Original("foreground IoU", 0.5, f"{_TRAIN}:13", "fg_iou"),
-        Original("context padding (px at 227)", 16, f"{_TRAIN}:16", "context_pad"),
+        Original(
+            "context padding (px of the warped window: 227 CaffeNet, 224 VGG16)",
+            16,
+            f"{_TRAIN}:11,16; VGG16, vgg-verydeep branch: {_VGG16}_trainval_test.prototxt:13,18",
+            "context_pad",
+        ),
         Original(
             "difficult objects are training targets",
             True,

@@ -119,3 +119,22 @@ def test_rows_of_an_original_without_the_backbone_name_the_network_they_are_from
     assert (
         rows["fast_rcnn", "momentum"].source == f"{FAST_RCNN_REPO} models/VGG16/solver.prototxt:9"
     )
+
+
+def test_vgg16_rows_name_zf5_for_sppnet_and_the_branch_batch_for_rcnn():
+    rows = paper_rows("vgg16_voc07")
+    assert rows["sppnet", "SVM C"].source == (
+        f"SPP_net has no VGG16 model: value of its ZF-5 recipe; {SPP_NET_REPO} spp_train.m:43"
+    )
+    lr = rows["faster_rcnn", "base learning rate"]
+    assert lr.source == (
+        f"{FASTER_RCNN_REPO} models/pascal_voc/VGG16/faster_rcnn_end2end/solver.prototxt:2"
+    )
+    # rcnn's master has no VGG16 recipe; the vgg-verydeep branch's takes 24 windows per batch.
+    batch = rows["rcnn", "regions per fine-tuning batch"]
+    assert (batch.original, batch.value, batch.status) == ("24", "128", "deviation")
+    assert batch.source.endswith(
+        "rbgirshick/rcnn@f7ca3b3 finetuning/vgg16/vgg16_pascal_finetune_trainval_test.prototxt:9"
+    )
+    assert rows["rcnn", "regions per fine-tuning batch"].reason
+    assert paper_rows("alexnet_voc07")["rcnn", "regions per fine-tuning batch"].status == "match"
