@@ -45,7 +45,8 @@ SHARED = Table(
             "proposals per image, at most",
             "no cap",
             f"{RCNN_REPO} data/README.md:57 (fast mode gives about 2k per image; nothing caps "
-            "them; results.json's proposals.images_at_cap counts the images the cap cut)",
+            "them; results.json's proposals.images_at_cap counts the images that reach the cap: "
+            "those it cut, and any with exactly that many)",
             "proposals.max_proposals",
         ),
         Original(

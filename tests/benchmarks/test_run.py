@@ -111,11 +111,19 @@ def test_tiny_end_to_end_run_writes_valid_results(tmp_path):
     assert len(cached) == 2
     mtimes = [p.stat().st_mtime_ns for p in cached]
     splits = load_splits(cfg.data)
+    at_cap = {}
     with mock.patch.object(proposals, "compute", side_effect=AssertionError("recomputed")):
         for ds in (splits.train, splits.test):
-            _, was_cached = proposals.load_or_compute(ds, cfg.proposals, cfg.cache_dir)
+            props, was_cached = proposals.load_or_compute(ds, cfg.proposals, cfg.cache_dir)
             assert was_cached
+            # The cache holds the capped boxes (at most 30 per image): an image reached the cap
+            # when it kept exactly 30, whether the cap cut it or selective search found 30.
+            counts = [len(b) for b in props.boxes]
+            assert max(counts) <= 30
+            at_cap[ds.split] = sum(n == 30 for n in counts)
     assert [p.stat().st_mtime_ns for p in cached] == mtimes
+    assert any(at_cap.values())  # the tiny case reaches the cap (4 of 5 and 4 of 4 images here)
+    assert results["proposals"]["images_at_cap"] == at_cap
 
 
 def test_results_validation_names_the_missing_field(tmp_path):
