@@ -9,6 +9,10 @@ gated against A, metric by metric:
   torch.utils.benchmark's Compare and asv pair a benchmark with itself). Worse above 1 + tolerance:
   ``latency_variant`` for a variant's pass (each pipeline alone, without the untimed run of each
   image: A/A gates move it about three times as far as a main pass), ``latency`` for the rest.
+- latency[pipelines/canary]: per image, the geometric mean of the pipelines' times over the drift
+  canary's (machine.canary, timed beside each image in the same process), gated as a latency at
+  ``latency_canary``. The machine's own speed moves the pipelines and the canary alike and cancels;
+  a slowdown of every pipeline alike, which cancels in every speedup, does not.
 - train_s[P]: the median over rounds of each side's training seconds; worse above 1 + tolerance.
 - speedup_inference[...], speedup_train[...]: medians over rounds; worse below A x (1 - tolerance).
 - A time row beyond its band is worse (or better) only if B's rounds lie apart from A's: every
@@ -63,7 +67,15 @@ __all__ = [
 ]
 
 REFERENCE_FILE = Path(__file__).resolve().parents[1] / "baselines" / "reference.json"
-TOLERANCE_KINDS = ("latency", "latency_variant", "train_s", "speedup_inference", "speedup_train")
+TOLERANCE_KINDS = (
+    "latency",
+    "latency_variant",
+    "latency_canary",
+    "train_s",
+    "speedup_inference",
+    "speedup_train",
+)
+LATENCY_KINDS = ("latency", "latency_variant", "latency_canary")
 PACKAGES = ("benchmarks", "pipelines", "datasets")  # setup.cfg's package_dir, under rcnn_bench
 
 
@@ -74,8 +86,8 @@ class Reference:
     Attributes:
         commit: the reference revision (moved by a deliberate commit, with ``note`` saying why).
         rounds: ABBA rounds a gate runs (each round one run per side).
-        tolerances: {"latency", "latency_variant", "train_s", "speedup_inference",
-            "speedup_train"}: relative shares, measured by A/A gates on the CI machine
+        tolerances: {"latency", "latency_variant", "latency_canary", "train_s",
+            "speedup_inference", "speedup_train"}: relative shares, measured by A/A gates on the CI machine
             (benchmarks/NOTES.md).
         history: the file of CI figures, one line per reference move (the report's trend).
     """
@@ -108,8 +120,14 @@ def read_reference(path: str | Path = REFERENCE_FILE) -> Reference:
 
 
 def gate_metrics(results: dict) -> dict[str, tuple[str, object]]:
-    """{metric: (kind, value)} of one run. Kinds: "latency" and "latency_variant" ({image id: ms};
-    each its tolerance's name), "time" (seconds), "speedup" (x) and "exact" (accuracy)."""
+    """{metric: (kind, value)} of one run. Kinds: "latency", "latency_variant" and
+    "latency_canary" ({image id: ms, or for the canary row a ratio}; each its tolerance's name),
+    "time" (seconds), "speedup" (x) and "exact" (accuracy).
+
+    ``latency[pipelines/canary]``: per timed image, the geometric mean of the pipelines' main-pass
+    times over the drift canary's time beside them (machine.canary), in runs that timed one: a
+    slowdown of every pipeline alike moves it, the machine's own speed (which moves the canary too)
+    does not."""
     ids = results["timing"]["image_ids"]
     out: dict[str, tuple[str, object]] = {}
     if results["proposals"].get("timed_ms"):
@@ -132,6 +150,14 @@ def gate_metrics(results: dict) -> dict[str, tuple[str, object]]:
                 dict(zip(ids, v["samples_ms"], strict=True)),
             )
             out[f"map[{name}/{variant}]"] = ("exact", v["map"]["voc07"])
+    canary = results["timing"].get("canary_ms")
+    if canary and results["pipelines"]:
+        times = np.array([rec["inference"]["samples_ms"] for rec in results["pipelines"].values()])
+        together = np.exp(np.log(times).mean(axis=0)) / np.array(canary)
+        out["latency[pipelines/canary]"] = (
+            "latency_canary",
+            dict(zip(ids, together.tolist(), strict=True)),
+        )
     for pair, s in results["speedup"].items():
         paired = s["inference"].get("paired") or s["inference"]
         out[f"speedup_inference[{pair}]"] = ("speedup", paired.get("geomean", paired.get("value")))
@@ -237,7 +263,7 @@ def relative_rows(
         kind = a_metrics[0][name][0]
         a = [m[name][1] for m in a_metrics]
         b = [m[name][1] for m in b_metrics]
-        if kind in ("latency", "latency_variant"):
+        if kind in LATENCY_KINDS:
             rows.append(_latency(name, a, b, tolerances[kind]))
         elif kind == "exact":
             rows.append(_exact(name, a, b))

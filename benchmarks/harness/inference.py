@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from rcnn_bench.benchmarks.config import BenchConfig
 from rcnn_bench.benchmarks.harness.data import TestSet
+from rcnn_bench.benchmarks.machine.canary import Canary
 from rcnn_bench.benchmarks.machine.memory import allocation_peak
 from rcnn_bench.benchmarks.machine.roofline import CostTimer
 from rcnn_bench.pipelines.detector import Detector
@@ -142,6 +143,7 @@ def time_pass(
     images: tuple[int, ...] | None = None,
     variant: str | None = None,
     desc: str = "inference",
+    canary: Canary | None = None,
 ) -> dict[str, PassResult]:
     """Run every pipeline on ``images`` (default: the whole split), alternating their order image by
     image, after the plan's warm-up; time the images of ``plan.timed``.
@@ -160,6 +162,8 @@ def time_pass(
         images: the images to run (their detections are kept); None: every test image.
         variant: the test-time variant every pipeline of the pass runs.
         desc: the progress bar's label.
+        canary: timed after the pipelines on each timed image (the median of ``plan.repeats``
+            runs); its ms per timed image, in ``plan.timed`` order, go to ``canary.samples_ms``.
     """
     order = list(detectors.items())
     for i in plan.warmup:
@@ -170,6 +174,7 @@ def time_pass(
     for det in detectors.values():  # a pipeline's per-pass state (the originals' candidate budget)
         det.start_pass(len(indices))
     runs: dict[str, dict[int, tuple]] = {name: {} for name in detectors}
+    canary_ms: dict[int, float] = {}
     mine = [indices[k] for k in distributed.share(len(indices))]
     for step, i in enumerate(progress(mine, desc, "img")):
         for name, det in order if step % 2 == 0 else order[::-1]:
@@ -179,17 +184,22 @@ def time_pass(
             runs[name][i] = _median_run(
                 det, image, boxes, device, variant, repeats, plan.precision, warm
             )
+        if canary is not None and i in timed:
+            canary_ms[i] = canary.time_ms(plan.repeats)
     states = {name: det.pass_state() for name, det in detectors.items()}
-    shares = distributed.gather((runs, states))
+    shares = distributed.gather((runs, states, canary_ms))
+    if canary is not None:
+        done_canary = {i: ms for _, _, share in shares for i, ms in share.items()}
+        canary.samples_ms = [done_canary[i] for i in indices if i in timed]
     out = {name: PassResult() for name in detectors}
     for name, det in detectors.items():
-        done = {i: run for share_runs, _ in shares for i, run in share_runs[name].items()}
+        done = {i: run for share_runs, _, _ in shares for i, run in share_runs[name].items()}
         for i in indices:
             out[name].detections.append(done[i][0])
             if i in timed:
                 out[name].samples_ms.append(done[i][1])
                 out[name].stages_ms.append(done[i][2])
-        det.join_pass_states([share_states[name] for _, share_states in shares])
+        det.join_pass_states([share_states[name] for _, share_states, _ in shares])
         out[name].detections = det.finish_pass(out[name].detections)
     return out
 

@@ -60,6 +60,7 @@ from rcnn_bench.benchmarks.harness.preflight import (
     clean_leftovers,
 )
 from rcnn_bench.benchmarks.harness.pretrain import initial_backbone
+from rcnn_bench.benchmarks.machine.canary import Canary
 from rcnn_bench.benchmarks.machine.env import LoadSampler, environment, seeded, setup
 from rcnn_bench.benchmarks.machine.memory import PeakMemory
 from rcnn_bench.benchmarks.machine.roofline import machine_peaks, stage_efficiency, with_reference
@@ -115,7 +116,8 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path | None:
     with LoadSampler() as timing_load:
         search_s = time_search(splits.test, plan.timed, cfg.proposals) if proposals else None
         lap("selective search timed")
-        main = time_pass(detectors, test, _boxes_for(detectors, test), plan, device)
+        canary = Canary(device, plan.precision)
+        main = time_pass(detectors, test, _boxes_for(detectors, test), plan, device, canary=canary)
         lap("test pass")
         variants = time_variants(detectors, test, plan, device)
         lap("variant passes")
@@ -136,7 +138,7 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path | None:
     lap("evaluation")
     results = assemble(
         cfg, config_path, device, splits, proposals, floors, plan, backbone, peaks, pretraining,
-        records, speedups, sweep, shown, spread, load, lap.seconds, started,
+        records, speedups, sweep, shown, spread, load, canary.samples_ms, lap.seconds, started,
     )  # fmt: skip
     test_proposals = proposals[splits.test.split] if proposals else None
     results["proposals"].update(_search_record(test_proposals, search_s))
@@ -572,6 +574,7 @@ def assemble(
     shown: list[dict],
     spread: dict,
     load: dict,
+    canary_ms: list[float],
     phases_s: dict[str, float],
     started: float,
 ) -> dict:
@@ -588,6 +591,7 @@ def assemble(
         records, speedups, sweep, shown, load: what the run measured (``pipeline_records``,
             ``compute_speedups``, ``proposal_sweep``, ``examples``, ``hygiene``).
         spread: accuracy over the training seeds (``seed_block``, with the calibrated spread).
+        canary_ms: the drift canary's ms per timed image of the main pass (machine.canary).
         phases_s, started: wall seconds per phase, and ``time.perf_counter()`` at the start: wall_s
             is taken last, once the rest is built (the report comes after: not in wall_s).
     """
@@ -600,7 +604,7 @@ def assemble(
         "env": {**environment(device), "world_size": distributed.world_size(), "peaks": peaks},
         "dataset": _dataset_record(splits, proposals, floors),
         "proposals": _proposal_record(cfg.proposals, splits, proposals),
-        "timing": _timing_record(plan, splits.test.image_ids, load),
+        "timing": _timing_record(plan, splits.test.image_ids, load, canary_ms),
         "backbone": {
             "name": cfg.backbone.name,
             "init_weights_sha1": weights_sha1(backbone),
@@ -635,7 +639,9 @@ def _dataset_record(
     }
 
 
-def _timing_record(plan: TimingPlan, image_ids: list[str], load: dict) -> dict:
+def _timing_record(
+    plan: TimingPlan, image_ids: list[str], load: dict, canary_ms: list[float]
+) -> dict:
     return {
         "timed_images": len(plan.timed),
         "warmup_images": len(plan.warmup),
@@ -645,6 +651,7 @@ def _timing_record(plan: TimingPlan, image_ids: list[str], load: dict) -> dict:
         "alternating": True,
         "batch_size": 1,
         "load": load,
+        "canary_ms": canary_ms,  # the drift canary beside each timed image (image_ids' order)
     }
 
 

@@ -15,6 +15,7 @@ import pytest
 from rcnn_bench.benchmarks.gate.compare import failing
 from rcnn_bench.benchmarks.gate.relative import (
     gate,
+    gate_metrics,
     import_root,
     read_reference,
     relative_rows,
@@ -27,6 +28,7 @@ from rcnn_bench.benchmarks.reporting.results import ResultsError
 TOL = {
     "latency": 0.05,
     "latency_variant": 0.15,
+    "latency_canary": 0.06,
     "train_s": 0.2,
     "speedup_inference": 0.07,
     "speedup_train": 0.2,
@@ -34,8 +36,9 @@ TOL = {
 IDS = [f"im{i}" for i in range(6)]
 
 
-def results(ms: dict[str, list[float]], maps: dict[str, float], search=None) -> dict:
-    """A results.json's gated fields: per pipeline its per-image ms, its mAP, training seconds 10."""
+def results(ms: dict[str, list[float]], maps: dict[str, float], search=None, canary=None) -> dict:
+    """A results.json's gated fields: per pipeline its per-image ms, its mAP, training seconds 10;
+    the drift canary's per-image ms where given."""
     pipes = {
         name: {
             "inference": {"samples_ms": list(v)},
@@ -51,7 +54,7 @@ def results(ms: dict[str, list[float]], maps: dict[str, float], search=None) -> 
         if n != "r"
     }
     return {
-        "timing": {"image_ids": IDS, "load": {"busy": False}},
+        "timing": {"image_ids": IDS, "load": {"busy": False}, "canary_ms": canary},
         "proposals": {"timed_ms": search or [100.0 + i for i in range(6)]},
         "pipelines": pipes,
         "speedup": speedup,
@@ -108,6 +111,42 @@ def test_selective_search_slower_fails():
     v = _verdicts([results(BASE, MAPS)], [results(BASE, MAPS, search=slow)])
     assert v["latency[selective_search]"] == "worse"
     assert [k for k, x in v.items() if x != "same"] == ["latency[selective_search]"]
+
+
+def test_the_canary_row_is_the_pipelines_geometric_mean_over_the_canary():
+    # Image im0: R-CNN 100 ms, Fast R-CNN 10 ms, canary 2 ms: sqrt(100 * 10) / 2 = 15.811...
+    canary = [2.0, 4.0, 2.0, 2.0, 2.0, 2.0]
+    metrics = gate_metrics(results(BASE, MAPS, canary=canary))
+    kind, values = metrics["latency[pipelines/canary]"]
+    assert kind == "latency_canary"
+    assert values["im0"] == pytest.approx(1000**0.5 / 2)
+    assert values["im1"] == pytest.approx((120 * 12) ** 0.5 / 4)
+    assert "latency[pipelines/canary]" not in gate_metrics(results(BASE, MAPS))
+
+
+def test_a_uniform_slowdown_on_a_drifting_machine_fails_only_over_the_canary():
+    # Three rounds a side. The machine's speed moves every round by up to 12% (the pipelines and the
+    # canary alike), so each pipeline's rounds overlap; B also slows both pipelines by 10%, which the
+    # canary does not share: B's rounds over the canary are all 1.10 and A's 1.00.
+    def side(speeds, slow):
+        return [
+            results(
+                {n: [slow * s * v for v in ms] for n, ms in BASE.items()},
+                MAPS,
+                canary=[2.0 * s] * 6,
+            )
+            for s in speeds
+        ]
+
+    a, b = side((1.0, 1.12, 0.95), 1.0), side((0.9, 1.0, 1.05), 1.1)
+    v = _verdicts(a, b)
+    assert v["latency[pipelines/canary]"] == "worse"  # 1.10 > 1.06, rounds apart
+    # own latency: per image B's median 1.1 x 1.0 over A's 1.0: beyond 5%, but rounds
+    # (B 0.99, 1.10, 1.155 of A against A 0.95-1.12) overlap
+    assert v["latency[r]"] == v["latency[f]"] == "same"
+    assert v["speedup_inference[f/r]"] == "same"
+    a_again = side((0.9, 1.0, 1.05), 1.0)
+    assert _verdicts(a, a_again)["latency[pipelines/canary]"] == "same"  # drift alone
 
 
 def test_latency_is_the_median_over_rounds_per_image_then_over_images():

@@ -12,6 +12,7 @@ import pytest
 import torch
 from rcnn_bench.benchmarks.cli import main
 from rcnn_bench.benchmarks.config import load_config
+from rcnn_bench.benchmarks.gate.relative import gate_metrics
 from rcnn_bench.benchmarks.harness import inference
 from rcnn_bench.benchmarks.harness.data import (
     TestSet as SplitInMemory,
@@ -104,6 +105,12 @@ def test_tiny_end_to_end_run_writes_valid_results(tmp_path):
     ratios = np.array(r["inference"]["samples_ms"]) / np.array(f["inference"]["samples_ms"])
     assert s["inference"]["paired"]["geomean"] == pytest.approx(np.exp(np.log(ratios).mean()))
     assert results["timing"]["image_ids"] == ["test_00001", "test_00002", "test_00003"]
+    # The drift canary was timed beside each timed image, and the gate reads it.
+    assert len(results["timing"]["canary_ms"]) == 3
+    together = gate_metrics(results)["latency[pipelines/canary]"][1]
+    times = np.array([p["inference"]["samples_ms"] for p in results["pipelines"].values()])
+    expected = np.exp(np.log(times).mean(axis=0)) / np.array(results["timing"]["canary_ms"])
+    assert list(together.values()) == pytest.approx(expected.tolist())
     history = (tmp_path / "reports" / "history.jsonl").read_text().splitlines()
     assert json.loads(history[-1])["run_id"] == run_dir.name
     # The proposals were cached: reading them again computes nothing and leaves the file untouched.
