@@ -79,7 +79,9 @@ class BenchConfig:
     precision: str = (
         "fp32"  # test-time passes: fp32 (IEEE, the papers'), tf32, or bf16 / fp16 under autocast
     )
-    channels_last: bool = False  # test-time networks in channels-last memory format
+    # The networks' memory format, in training and at test time: true, false, or "auto"
+    # (channels-last on the CPU, contiguous on a GPU; timing.CHANNELS_LAST says why)
+    channels_last: bool | str = "auto"
     # Training seeds: a count n (the run's seed, seed + 1, ..., seed + n - 1) or the seeds themselves;
     # every pipeline is trained under each (data, proposals and pre-trained weights shared), the first
     # seed's models are the ones timed, and accuracy is given as mean, sd and 95% interval over them
@@ -88,6 +90,10 @@ class BenchConfig:
     # single-seed run shows beside each mAP
 
     def __post_init__(self):
+        if self.channels_last not in timing.CHANNELS_LAST:
+            raise ValueError(
+                f"bench.channels_last must be true, false or auto, got {self.channels_last!r}"
+            )
         if self.precision not in PRECISIONS:
             raise ValueError(
                 f"bench.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"

@@ -34,10 +34,15 @@ from rcnn_bench.benchmarks.machine.estimate import Hollow, HollowTimer, Rates, m
 from rcnn_bench.benchmarks.machine.memory import PeakMemory, rss_bytes
 from rcnn_bench.pipelines import registry
 from rcnn_bench.pipelines.context import BuildContext
-from rcnn_bench.pipelines.parts.backbones import Backbone, build_backbone, clone
+from rcnn_bench.pipelines.parts.backbones import Backbone, build_backbone, clone, in_format
 from rcnn_bench.pipelines.parts.detections import TrainData
 from rcnn_bench.pipelines.parts.proposals import cache_path, load, selective_search
-from rcnn_bench.pipelines.runtime.timing import StageTimer, arithmetic, synchronize
+from rcnn_bench.pipelines.runtime.timing import (
+    StageTimer,
+    arithmetic,
+    channels_last_on,
+    synchronize,
+)
 
 __all__ = [
     "PROBES",
@@ -128,6 +133,8 @@ def dry_run(cfg: RunConfig, probe: str = "estimate", plan_for: str | None = None
     check_splits(splits)
     classes = [registry.get(name) for name in cfg.pipelines]
     backbone = build_backbone(cfg.backbone)  # reads the weights file, if the config names one
+    # The run's memory format: the probe's copies (deep copies keep it) run as the run's networks.
+    in_format(backbone, channels_last_on(cfg.bench.channels_last, device))
     counts = proposal_counts(cfg, splits)
     disk = check_disk(cfg, splits, classes, backbone)
     rates = probe_rates(probe, plan_for, backbone, device, cfg.bench.precision)
@@ -369,13 +376,14 @@ def pretrain_estimate(cfg: RunConfig, device: torch.device, hollow: Hollow | Non
     images, the iterations by the iterations), hollow under ``hollow`` (the skipped operations'
     estimated time added to the iterations')."""
     p = cfg.backbone.pretrain
-    if is_cached(cfg.backbone, Path(cfg.cache_dir), device):
+    channels_last = channels_last_on(cfg.bench.channels_last, device)
+    if is_cached(cfg.backbone, Path(cfg.cache_dir), device, channels_last):
         return 0.0
     small = dataclasses.replace(p, iters=PROBE_ITERS, images=PROBE_PRETRAIN_IMAGES)
     probe_cfg = dataclasses.replace(cfg.backbone, pretrain=small)
     before = hollow.seconds if hollow is not None else 0.0
     with hollow if hollow is not None else contextlib.nullcontext():
-        record = pretrain(build_backbone(probe_cfg), probe_cfg, device)
+        record = pretrain(in_format(build_backbone(probe_cfg), channels_last), probe_cfg, device)
     skipped_s = hollow.seconds - before if hollow is not None else 0.0
     crops_s = record["crops_seconds"] * p.images / PROBE_PRETRAIN_IMAGES
     iters_s = record["seconds"] - record["crops_seconds"] + skipped_s

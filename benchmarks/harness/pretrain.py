@@ -35,6 +35,7 @@ from rcnn_bench.pipelines.parts.backbones import (
     Backbone,
     BackboneConfig,
     build_backbone,
+    in_format,
     load_weights,
     normalize_image,
 )
@@ -145,14 +146,18 @@ def pretrain(backbone: Backbone, cfg: BackboneConfig, device: torch.device) -> d
     }
 
 
-def _cache_file(cfg: BackboneConfig, cache_dir: Path, device: torch.device) -> Path:
-    """Where ``cfg``'s pre-trained weights live: named by a hash of everything they follow from."""
+def _cache_file(
+    cfg: BackboneConfig, cache_dir: Path, device: torch.device, channels_last: bool
+) -> Path:
+    """Where ``cfg``'s pre-trained weights live: named by a hash of everything they follow from
+    (the memory format too: its kernels round otherwise, so its weights are other weights)."""
     key = json.dumps(
         {
             "backbone": dataclasses.asdict(cfg),
             "crops": [PROCEDURE, JITTER, ZOOM, COPIES, HELD_OUT],
             "torch": torch.__version__,
             "device": device.type,
+            "channels_last": channels_last,
         },
         sort_keys=True,
     )
@@ -160,19 +165,22 @@ def _cache_file(cfg: BackboneConfig, cache_dir: Path, device: torch.device) -> P
     return cache_dir / "pretrained" / f"{cfg.name}-{digest}.pt"
 
 
-def is_cached(cfg: BackboneConfig, cache_dir: Path, device: torch.device) -> bool:
+def is_cached(
+    cfg: BackboneConfig, cache_dir: Path, device: torch.device, channels_last: bool = False
+) -> bool:
     """Whether ``cfg``'s pre-trained weights are in the cache (False without pre-training)."""
-    path = _cache_file(cfg, cache_dir, device)
+    path = _cache_file(cfg, cache_dir, device, channels_last)
     return bool(cfg.pretrain.iters) and path.is_file() and path.with_suffix(".json").is_file()
 
 
 def initial_backbone(
-    cfg: BackboneConfig, cache_dir: Path, device: torch.device
+    cfg: BackboneConfig, cache_dir: Path, device: torch.device, channels_last: bool = False
 ) -> tuple[Backbone, dict | None]:
     """The backbone every pipeline starts from, and the record of its pre-training (None without).
 
     With ``cfg.pretrain.iters`` the pre-trained weights come from the cache when they are there, and
-    are trained (by every process under torchrun) and cached otherwise.
+    are trained (by every process under torchrun, in channels-last memory format with
+    ``channels_last``) and cached otherwise. The weights returned are contiguous either way.
 
     Raises:
         ValueError: a cached weights file cannot be read (the message names it).
@@ -180,13 +188,13 @@ def initial_backbone(
     backbone = build_backbone(cfg)
     if not cfg.pretrain.iters:
         return backbone, None
-    path = _cache_file(cfg, cache_dir, device)
+    path = _cache_file(cfg, cache_dir, device, channels_last)
     sidecar = path.with_suffix(".json")
-    if is_cached(cfg, cache_dir, device):
+    if is_cached(cfg, cache_dir, device, channels_last):
         load_weights(backbone, path)
         record = json.loads(sidecar.read_text())
         return backbone.eval(), {**record, "cached": True, "file": str(path)}
-    record = pretrain(backbone, cfg, device)
+    record = pretrain(in_format(backbone, channels_last), cfg, device)
     # What a later run reads from the cache, exactly: the weights in a freshly built module, without
     # the last iteration's gradients (a pipeline's optimizer would otherwise meet them).
     trained, backbone = backbone, build_backbone(cfg)

@@ -77,13 +77,13 @@ from rcnn_bench.datasets.describe import describe
 from rcnn_bench.pipelines import registry
 from rcnn_bench.pipelines.context import BuildContext
 from rcnn_bench.pipelines.detector import Detector
-from rcnn_bench.pipelines.parts.backbones import Backbone, build_backbone, clone
+from rcnn_bench.pipelines.parts.backbones import Backbone, build_backbone, clone, in_format
 from rcnn_bench.pipelines.parts.detections import TrainData
 from rcnn_bench.pipelines.parts.proposals import ProposalConfig, ProposalSet, time_search
 from rcnn_bench.pipelines.parts.training import recording_curves
 from rcnn_bench.pipelines.runtime import distributed
 from rcnn_bench.pipelines.runtime.progress import log, progress
-from rcnn_bench.pipelines.runtime.timing import StageTimer
+from rcnn_bench.pipelines.runtime.timing import StageTimer, channels_last_on
 
 __all__ = ["run"]
 
@@ -98,7 +98,10 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path | None:
     lap("setup and data")
     proposals = make_proposals(cfg, splits)
     lap("proposals")
-    backbone, pretraining = initial_backbone(cfg.backbone, Path(cfg.cache_dir), device)
+    channels_last = channels_last_on(cfg.bench.channels_last, device)
+    backbone, pretraining = initial_backbone(
+        cfg.backbone, Path(cfg.cache_dir), device, channels_last
+    )
     if pretraining:
         log(pretrain_line(pretraining))
     lap("pre-training")
@@ -111,7 +114,7 @@ def run(cfg: RunConfig, config_path: str | None = None) -> Path | None:
     with LoadSampler() as training_load:
         training = train_pipelines(detectors, train, device, seeds[0])
     lap("training")
-    prepare_test(detectors, cfg.bench.channels_last)
+    prepare_test(detectors, channels_last)
     test = load_test_set(splits, proposals, device)
     with LoadSampler() as timing_load:
         search_s = time_search(splits.test, plan.timed, cfg.proposals) if proposals else None
@@ -166,7 +169,8 @@ def prepare_machine(cfg: RunConfig) -> tuple[torch.device, dict]:
     log(
         f"{device}: matrix multiply {peaks['compute_gflops']:.0f} GFLOP/s "
         f"({peaks['compute_kind']}), memory {peaks['bandwidth_gbs']:.1f} GB/s; test-time "
-        f"precision {cfg.bench.precision}{', channels-last' if cfg.bench.channels_last else ''}"
+        f"precision {cfg.bench.precision}"
+        f"{', channels-last' if channels_last_on(cfg.bench.channels_last, device) else ''}"
     )
     return device, peaks
 
@@ -244,10 +248,11 @@ def build_pipelines(
         RuntimeError: a pipeline changed the shared weights while it was built.
     """
     before = weights_sha1(backbone)
+    channels_last = channels_last_on(cfg.bench.channels_last, device)
     context = BuildContext(
         num_classes=num_classes,
         device=device,
-        backbone=lambda: clone(backbone),
+        backbone=lambda: in_format(clone(backbone), channels_last),
         cache_dir=Path(cfg.cache_dir),
         seed=seed,
     )
@@ -261,14 +266,13 @@ def build_pipelines(
 
 
 def prepare_test(detectors: dict[str, Detector], channels_last: bool) -> None:
-    """With ``bench.channels_last``, every network a pipeline runs at test time (each enabled
-    variant's too) in channels-last memory format; the inputs follow the weights' format."""
-    if not channels_last:
-        return
+    """Every network a pipeline runs at test time (each enabled variant's too) in the run's memory
+    format (``bench.channels_last``), its own layers beside the shared backbone's included; the
+    inputs follow the weights' format."""
     for det in detectors.values():
         for variant in (None, *det.enabled_variants()):
             for module in det.test_modules(variant):
-                module.to(memory_format=torch.channels_last)
+                in_format(module, channels_last)
 
 
 def train_pipelines(

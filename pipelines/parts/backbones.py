@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +33,14 @@ __all__ = [
     "BackboneConfig",
     "PretrainConfig",
     "build_backbone",
+    "in_format",
     "layer_multipliers",
     "normalize_image",
     "truncate",
     "trunk_convs",
 ]
+
+M = TypeVar("M", bound=nn.Module)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -324,6 +328,16 @@ def load_weights(backbone: Backbone, path: str | Path) -> None:
 def clone(backbone: Backbone) -> Backbone:
     """An independent copy, so that two detectors start from the same weights."""
     return copy.deepcopy(backbone)
+
+
+def in_format(module: M, channels_last: bool) -> M:
+    """``module`` with its 4-d weights (the convolutions') in channels-last memory format, or
+    contiguous, in place. A convolution whose input or weight is channels-last returns
+    channels-last output, so the layers after it (ReLU, max pooling, the next convolution) follow
+    without a conversion; ``flatten`` reads the logical (C, H, W) order in either format."""
+    return module.to(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
 
 
 def normalize_image(image: Tensor) -> Tensor:

@@ -15,9 +15,11 @@ from contextlib import contextmanager
 import torch
 
 __all__ = [
+    "CHANNELS_LAST",
     "PRECISIONS",
     "StageTimer",
     "arithmetic",
+    "channels_last_on",
     "device_clock",
     "synchronize",
     "tf32_allowed",
@@ -32,6 +34,22 @@ PRECISIONS: dict[str, tuple[torch.dtype | None, bool]] = {
     "bf16": (torch.bfloat16, False),  # what autocast keeps in float32 stays IEEE float32
     "fp16": (torch.float16, False),
 }
+
+
+# bench.channels_last: the networks' memory format, in training and at test time. "auto" takes
+# channels-last on the CPU, where oneDNN's convolutions and max pooling run several times faster in it
+# (benchmarks/NOTES.md, 2026-12-08: the tiny trunk 4-6x on 2 cores, torch 2.14), and the contiguous
+# format elsewhere (CUDA: the papers' path, where channels-last was measured no faster in float32).
+CHANNELS_LAST = (True, False, "auto")
+
+
+def channels_last_on(channels_last: bool | str, device: torch.device) -> bool:
+    """Whether the networks run in channels-last memory format: ``channels_last`` itself, or for
+    "auto" whether ``device`` is a CPU. The two formats compute the same functions; their kernels
+    sum in other orders, so results agree to float rounding, not to the bit."""
+    if channels_last not in CHANNELS_LAST:
+        raise ValueError(f"channels_last must be true, false or 'auto', got {channels_last!r}")
+    return device.type == "cpu" if channels_last == "auto" else bool(channels_last)
 
 
 def synchronize(device: torch.device) -> None:
