@@ -404,7 +404,7 @@ class RCNN(Detector):
             x = normalize_image(image)
         out, pool5 = self._features(self._network(spec), x, proposals, timer)
         size = (image.shape[0], image.shape[1])
-        budget = self.test_budget()
+        budget = self.test_budget(variant)
         if spec.softmax:
             with timer.stage("classifier"):
                 probs = F.softmax(self.cls(out), dim=1)[:, 1:]  # (R, K)
