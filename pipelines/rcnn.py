@@ -354,13 +354,6 @@ class RCNN(Detector):
             return {k: image.new_zeros((0, widths[k])) for k in kept}
         return {k: torch.cat(v) for k, v in kept.items()}
 
-    def _features(
-        self, net: Backbone, image: Tensor, boxes: Tensor, timer: StageTimer
-    ) -> tuple[Tensor, Tensor]:
-        """``net``'s output (R, D) and flattened pool5 (R, C*P*P) of every box (``_layers``)."""
-        layers = self._layers(net, image, boxes, timer)
-        return layers["out"], layers["pool5"]
-
     def _features_of(
         self,
         spec: RCNNVariant,

@@ -121,7 +121,8 @@ def _svm_head_of(det: RCNN, data: TrainData, features: str, tmp_path, calls: lis
     def features_of(i, boxes):
         calls.append(i)
         image = normalize_image(torch.from_numpy(data.images[i]))
-        return det._features(det.net, image, boxes, StageTimer("cpu"))
+        layers = det._layers(det.net, image, boxes, StageTimer("cpu"))
+        return layers["out"], layers["pool5"]
 
     cfg = replace(det.cfg, features=features)
     work = tmp_path / f"rcnn-{features}-work-0"
@@ -257,7 +258,7 @@ def test_softmax_variant_uses_no_svm_weights(tiny_voc, tmp_path):
     image, proposals = torch.from_numpy(data.images[0]), torch.from_numpy(data.proposals[0])
     d = det.detect(image, proposals, StageTimer("cpu"), "softmax")
     with torch.no_grad():
-        fc7, _ = det._features(det.net, normalize_image(image), proposals, StageTimer("cpu"))
+        fc7 = det._layers(det.net, normalize_image(image), proposals, StageTimer("cpu"))["out"]
         probs = torch.softmax(det.cls(fc7), dim=1)[:, 1:]  # (R, K)
     assert len(d.scores)
     for score, label, box in zip(d.scores, d.labels, d.boxes, strict=True):
