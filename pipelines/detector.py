@@ -17,7 +17,12 @@ from rcnn_bench.pipelines.parts.scoring import ScoreBudget
 from rcnn_bench.pipelines.runtime.timing import StageTimer
 from torch import Tensor, nn
 
-__all__ = ["Detector"]
+__all__ = ["SHARED_STAGE", "Detector"]
+
+# A variant's training stage ("<variant>/shared_extraction") that holds the seconds of another model's
+# stage whose output it reused (R-CNN's layers kept from one extraction): part of what the variant
+# would cost alone, not work the run does again (a dry run's estimate leaves it out).
+SHARED_STAGE = "shared_extraction"
 
 
 class Detector(abc.ABC):
@@ -47,7 +52,8 @@ class Detector(abc.ABC):
 
     ``fit`` records its stages in the timer it is given; ``fit_variants`` then trains what the
     enabled variants need beyond the default model, in a timer of its own, so that their training
-    is not the default model's; ``detect`` records its inference stages.
+    is not the default model's (a variant that reuses another model's work records its seconds as
+    its SHARED_STAGE); ``detect`` records its inference stages.
 
     A test pass (every test image once, scored together) is bracketed by ``start_pass`` and
     ``finish_pass``: with the originals' adaptive candidate budget (``test_topk`` "adaptive" in the

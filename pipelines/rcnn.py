@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rcnn_bench.pipelines.context import BuildContext, PaperFigures
-from rcnn_bench.pipelines.detector import Detector
+from rcnn_bench.pipelines.detector import SHARED_STAGE, Detector
 from rcnn_bench.pipelines.originals.rcnn import RCNN
 from rcnn_bench.pipelines.parts.backbones import (
     FEATURE_LAYERS,
@@ -468,8 +468,8 @@ class RCNN(Detector):
         One extraction serves every variant of a network where its layers fit
         ``shared_features_gib`` (``_share``): the fine-tuned network's is ``fit``'s, the initial
         network's that of its first variant. A variant that reads a kept layer records that
-        extraction's seconds in its "features" stage, added to its own pass over the kept rows, and
-        in its info "shared_extraction" (None: it extracted its own).
+        extraction's seconds as its SHARED_STAGE (its "features" stage: its own pass over the kept
+        rows) and in its info "shared_extraction" (None: it extracted its own).
         """
         todo = [
             v
@@ -496,7 +496,7 @@ class RCNN(Detector):
             )
             info[variant]["shared_extraction"] = None
             if reads:
-                stages.seconds["features"] += store.seconds
+                stages.seconds[SHARED_STAGE] = store.seconds
                 info[variant]["shared_extraction"] = {
                     "from": store.source,
                     "seconds": store.seconds,
