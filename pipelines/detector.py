@@ -17,7 +17,12 @@ from rcnn_bench.pipelines.parts.scoring import ScoreBudget
 from rcnn_bench.pipelines.runtime.timing import StageTimer
 from torch import Tensor, nn
 
-__all__ = ["Detector"]
+__all__ = ["SHARED_STAGE", "Detector"]
+
+# A variant's training stage ("<variant>/shared_extraction") that holds the seconds of another model's
+# stage whose output it reused (R-CNN's layers kept from one extraction): part of what the variant
+# would cost alone, not work the run does again (a dry run's estimate leaves it out).
+SHARED_STAGE = "shared_extraction"
 
 
 class Detector(abc.ABC):
@@ -47,12 +52,14 @@ class Detector(abc.ABC):
 
     ``fit`` records its stages in the timer it is given; ``fit_variants`` then trains what the
     enabled variants need beyond the default model, in a timer of its own, so that their training
-    is not the default model's; ``detect`` records its inference stages.
+    is not the default model's (a variant that reuses another model's work records its seconds as
+    its SHARED_STAGE); ``detect`` records its inference stages.
 
     A test pass (every test image once, scored together) is bracketed by ``start_pass`` and
     ``finish_pass``: with the originals' adaptive candidate budget (``test_topk`` "adaptive" in the
     config) ``detect`` updates per-class thresholds image by image and ``finish_pass`` applies the
-    final ones; without it both are no-ops.
+    final ones; without it both are no-ops. A pass may run several variants together
+    (``variant_groups``, ``detect_group``): each has a budget of its own, as in a pass of its own.
     """
 
     name: ClassVar[str] = ""
@@ -79,7 +86,8 @@ class Detector(abc.ABC):
         self.num_classes = context.num_classes
         self.device = context.device
         self.train_seed = context.seed  # added to every seed of ``cfg`` (BuildContext.seed)
-        self._budget: ScoreBudget | None = None  # the running test pass's, in "adaptive" test_topk
+        # The running test pass's budget of each of its variants, in "adaptive" test_topk.
+        self._budgets: dict[str | None, ScoreBudget] = {}
         self.enabled_variants()  # a variant the pipeline lacks fails here, before any training
 
     @classmethod
@@ -133,47 +141,62 @@ class Detector(abc.ABC):
             "bytes": sum(t.numel() * t.element_size() for t in tensors),
         }
 
-    def start_pass(self, num_images: int) -> None:
-        """A test pass over ``num_images`` images begins: with ``test_topk`` "adaptive" in the config,
-        each class gets an empty budget of ``max_per_set_factor * num_images`` candidates and a
-        threshold of -inf; otherwise nothing."""
+    def start_pass(self, num_images: int, variants: tuple[str | None, ...] = (None,)) -> None:
+        """A test pass over ``num_images`` images begins, running ``variants`` (None: the default
+        model): with ``test_topk`` "adaptive" in the config, each variant gets for each class an empty
+        budget of ``max_per_set_factor * num_images`` candidates and a threshold of -inf; otherwise
+        nothing."""
         if getattr(self.cfg, "test_topk", "fixed") == "adaptive":
             cfg = self.cfg
             budget = cfg.max_per_set_factor * num_images
-            self._budget = ScoreBudget(self.num_classes, cfg.max_per_image, budget)
+            self._budgets = {
+                v: ScoreBudget(self.num_classes, cfg.max_per_image, budget) for v in variants
+            }
 
-    def finish_pass(self, detections: list[Detections]) -> list[Detections]:
-        """The pass is over: its detections (one per image, in the pass's order) pruned to the final
-        per-class thresholds in "adaptive" test_topk, unchanged otherwise. Ends the pass."""
-        if self._budget is None:
+    def finish_pass(
+        self, detections: list[Detections], variant: str | None = None
+    ) -> list[Detections]:
+        """``variant``'s share of the pass is over: its detections (one per image, in the pass's
+        order) pruned to its final per-class thresholds in "adaptive" test_topk, unchanged otherwise.
+        The pass ends with its last variant."""
+        budget = self._budgets.pop(variant, None)
+        if budget is None:
             return detections
-        pruned = self._budget.prune(detections, self.keeps_threshold_ties)
-        self._budget = None
-        return pruned
+        return budget.prune(detections, self.keeps_threshold_ties)
 
-    def pass_state(self) -> ScoreBudget | None:
-        """A copy of the running pass's budget (None outside a pass or in "fixed" test_topk)."""
-        return None if self._budget is None else self._budget.copy()
+    def pass_state(self) -> dict[str | None, ScoreBudget] | None:
+        """A copy of the running pass's budgets, per variant (None outside a pass or in "fixed"
+        test_topk)."""
+        return {v: b.copy() for v, b in self._budgets.items()} or None
 
-    def restore_pass_state(self, state: ScoreBudget | None) -> None:
+    def restore_pass_state(self, state: dict[str | None, ScoreBudget] | None) -> None:
         """Put back a state from ``pass_state``: a repeated run of an image then counts once."""
-        self._budget = None if state is None else state.copy()
+        self._budgets = {v: b.copy() for v, b in (state or {}).items()}
 
-    def join_pass_states(self, states: list[ScoreBudget | None]) -> None:
+    def join_pass_states(self, states: list[dict[str | None, ScoreBudget] | None]) -> None:
         """The pass ran as disjoint shares of its images, one per process, each begun with
-        ``start_pass`` of the whole pass: its state becomes that of one pass over all the images
-        (ScoreBudget.merge), so that ``finish_pass`` prunes as one process would."""
-        self._budget = None if states[0] is None else ScoreBudget.merge(states)
+        ``start_pass`` of the whole pass: each variant's state becomes that of one pass over all the
+        images (ScoreBudget.merge), so that ``finish_pass`` prunes as one process would."""
+        if states[0] is None:
+            self._budgets = {}
+            return
+        self._budgets = {v: ScoreBudget.merge([s[v] for s in states]) for v in states[0]}
 
-    def test_budget(self) -> ScoreBudget | None:
-        """What ``detect`` chooses candidates with: None in "fixed" test_topk; in "adaptive", the
-        pass's budget, or outside a pass one that records nothing (the image is treated as a pass's
-        first: at most ``max_per_image`` per class, no threshold)."""
+    def test_budget(self, variant: str | None = None) -> ScoreBudget | None:
+        """What ``detect`` chooses ``variant``'s candidates with: None in "fixed" test_topk; in
+        "adaptive", its budget in the running pass, or outside a pass one that records nothing (the
+        image is treated as a pass's first: at most ``max_per_image`` per class, no threshold).
+
+        Raises:
+            ValueError: a pass is running that does not run ``variant``.
+        """
         if getattr(self.cfg, "test_topk", "fixed") != "adaptive":
             return None
-        if self._budget is not None:
-            return self._budget
-        return ScoreBudget(self.num_classes, self.cfg.max_per_image, None)
+        if not self._budgets:
+            return ScoreBudget(self.num_classes, self.cfg.max_per_image, None)
+        if variant not in self._budgets:
+            raise ValueError(f"{self.name}: the running test pass does not run variant {variant!r}")
+        return self._budgets[variant]
 
     def training_split(self, data: TrainData) -> TrainData:
         """``data`` as this pipeline trains on it: difficult objects are training targets when its
@@ -250,6 +273,44 @@ class Detector(abc.ABC):
     ) -> Detections:
         """``detect`` for a valid variant and, unless the pipeline owns its proposals, at least one
         proposal."""
+
+    def variant_groups(self, variants: tuple[str | None, ...]) -> list[tuple[str | None, ...]]:
+        """``variants`` split into the groups that one test pass runs together (``detect_group``):
+        variants whose detections start from the same computed features. The default: each alone."""
+        return [(v,) for v in variants]
+
+    def detect_group(
+        self,
+        image: Tensor,
+        proposals: Tensor | None,
+        shared: StageTimer,
+        timers: dict[str | None, StageTimer],
+    ) -> dict[str | None, Detections]:
+        """Detect objects in one image with every variant of one group (``variant_groups``): the
+        keys of ``timers``. Per variant, the same detections as ``detect``.
+
+        Args:
+            image, proposals: as ``detect``'s.
+            shared: receives the stages run once for the whole group (what its variants share).
+            timers: per variant, receives the stages it runs alone (its own head).
+        """
+        for variant in timers:
+            if variant not in (None, *self.offered_variants(self.cfg)):
+                raise ValueError(f"{self.name} has no test-time variant {variant!r}")
+        if not self.owns_proposals and (proposals is None or proposals.shape[0] == 0):
+            return {v: Detections.empty() for v in timers}
+        return self._detect_group(image, proposals, shared, timers)
+
+    def _detect_group(
+        self,
+        image: Tensor,
+        proposals: Tensor | None,
+        shared: StageTimer,
+        timers: dict[str | None, StageTimer],
+    ) -> dict[str | None, Detections]:
+        """``detect_group`` for valid variants and, unless the pipeline owns its proposals, at least
+        one proposal. The default shares nothing: each variant's ``_detect`` in turn."""
+        return {v: self._detect(image, proposals, timer, v) for v, timer in timers.items()}
 
     @abc.abstractmethod
     def paper_schedule(self, stages_s: dict[str, float]) -> dict:

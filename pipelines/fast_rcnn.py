@@ -388,7 +388,7 @@ class FastRCNN(Detector):
             size,
             cfg,
             timer,
-            budget=self.test_budget(),
+            budget=self.test_budget(variant),
             norm=self.delta_norm,
             dedup=cfg.dedup_boxes,
             svms=svms,

@@ -18,7 +18,10 @@ Variants (the R-CNN paper's ablations, Table 2 and appendix B): SVMs on pool5, f
 fine-tuned network or of the initial one ("_no_ft"), each with the network cut after that layer and
 without box regression; the fine-tuned network's own softmax instead of SVMs ("softmax"); the default
 model without box regression ("no_bbox_reg"). Their SVMs train after the default model's
-(``fit_variants``), each on features of its own layer, kept or recomputed as ``features`` says.
+(``fit_variants``), each on features of its own layer, kept or recomputed as ``features`` says; one
+extraction per network serves them where its layers fit ``shared_features_gib`` (``fit``'s for the
+fine-tuned network). At test time the variants of one network run in one pass (``variant_groups``,
+``_detect_group``): warp, trunk and fc layers once per image, then each variant's head.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rcnn_bench.pipelines.context import BuildContext, PaperFigures
-from rcnn_bench.pipelines.detector import Detector
+from rcnn_bench.pipelines.detector import SHARED_STAGE, Detector
 from rcnn_bench.pipelines.originals.rcnn import RCNN
 from rcnn_bench.pipelines.parts.backbones import (
+    FEATURE_LAYERS,
     Backbone,
     layer_multipliers,
     normalize_image,
@@ -103,6 +107,9 @@ class RCNNConfig:
     region_batch: int = 256  # warped regions per forward pass
     keep_feature_cache: bool = False  # keep the on-disk fc7/pool5 cache after training
     features: str = "disk"  # training fc7: "disk" (a cache), "none" (recomputed to mine), "auto"
+    # Training: the most memory (GiB) that one extraction's layers may take, kept (float32) for the
+    # SVM variants of the same network that read them; beyond it (or 0) each extracts its own.
+    shared_features_gib: float = 2.0
     variants: tuple[str, ...] = ("all",)  # the test-time variants to train, time and score
 
     def __post_init__(self):
@@ -111,6 +118,8 @@ class RCNNConfig:
             raise ValueError(f"test_topk must be one of {TEST_TOPK}, got {self.test_topk!r}")
         if self.cls_lr_mult < 0:
             raise ValueError(f"cls_lr_mult must be >= 0, got {self.cls_lr_mult}")
+        if self.shared_features_gib < 0:
+            raise ValueError(f"shared_features_gib must be >= 0, got {self.shared_features_gib}")
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,49 @@ class RCNNVariant:
     finetuned: bool = True
     softmax: bool = False
     regress: bool = False
+
+
+@dataclass
+class SharedLayers:
+    """Layers of every training region, kept from one extraction for the SVM variants of the same
+    network that read them: float32, the very values their own extraction would give, so that their
+    SVMs are the same.
+
+    Attributes:
+        offsets: int64 (N + 1,): image i's regions are rows offsets[i]:offsets[i + 1].
+        layers: per kept layer ("pool5" flattened, "fc6", "fc7"), float32 (sum R, width), filled
+            image by image as the extraction reaches it (None until the first image).
+        source: the model whose extraction fills it ("rcnn", the default model, or a variant).
+        seconds: that extraction's "features" stage.
+    """
+
+    offsets: np.ndarray
+    layers: dict[str, Tensor | None]
+    source: str
+    seconds: float = 0.0
+
+    def put(self, i: int, features: dict[str, Tensor]) -> None:
+        """Keep image i's rows of each kept layer from ``features`` (by layer, on the CPU)."""
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        for name in self.layers:
+            rows = features[name]
+            if self.layers[name] is None:
+                self.layers[name] = rows.new_empty((int(self.offsets[-1]), rows.shape[1]))
+            self.layers[name][start:end] = rows
+
+    def features_of(self, layer: str) -> FeatureFn:
+        """``train_svm_head``'s features from the kept ``layer``: image i's rows, and no
+        box-regression features (F = 0)."""
+
+        def features_of(i: int, boxes: Tensor) -> tuple[Tensor, Tensor]:
+            rows = self.layers[layer][int(self.offsets[i]) : int(self.offsets[i + 1])]
+            if len(boxes) != len(rows):
+                raise ValueError(
+                    f"features_of({i}): asked for other boxes than the training regions"
+                )
+            return rows, rows[:, :0]
+
+        return features_of
 
 
 # The default model (None) and the variants. The R-CNN paper's Table 2 trains SVMs on pool5, fc6 and
@@ -197,6 +249,7 @@ class RCNN(Detector):
             self.initial = context.backbone().to(self.device).eval()
         self.cache_dir = Path(context.cache_dir)
         self.svms: dict[tuple[str, bool], SVMHead] = {}  # by (layer, fine-tuned)
+        self._shared: dict[bool, SharedLayers] = {}  # training: by fine-tuned, for fit_variants
         distributed.check_split(cfg.batch_size, f"pipelines.{self.name}.batch_size")
 
     def _network(self, spec: RCNNVariant) -> Backbone:
@@ -247,8 +300,24 @@ class RCNN(Detector):
     def train_ram_bytes(
         cls, cfg: RCNNConfig, train_images: int, regions_per_image: int, backbone: Backbone
     ) -> int:
-        """The training regions, REGION_BYTES each."""
-        return train_images * regions_per_image * REGION_BYTES
+        """The training regions, REGION_BYTES each, and the larger of the layers kept for the SVM
+        variants of one network (``_share``, float32), where they fit ``shared_features_gib``."""
+        regions = train_images * regions_per_image
+        widths = {"pool5": backbone.channels * backbone.pool_size**2, "fc6": backbone.fc_dim}
+        svm_variants = [v for v in cls.chosen_variants(cfg) if not RCNN_VARIANTS[v].softmax]
+        kept = [0]
+        for finetuned in (True, False):
+            layers = [
+                RCNN_VARIANTS[v].layer
+                for v in svm_variants
+                if RCNN_VARIANTS[v].finetuned == finetuned
+            ]
+            if not finetuned:  # the first initial-network variant extracts, keeping the others'
+                layers = layers[1:]
+            size = 4 * regions * sum(widths[layer] for layer in set(layers) - {"fc7"})
+            if size <= cfg.shared_features_gib * 2**30:
+                kept.append(size)
+        return regions * REGION_BYTES + max(kept)
 
     # -- the network on warped regions -----------------------------------------------------------
 
@@ -256,40 +325,63 @@ class RCNN(Detector):
         return warp_regions(image, boxes, self.net.input_size, self.cfg.context_pad)
 
     @torch.no_grad()
-    def _features(
-        self, net: Backbone, image: Tensor, boxes: Tensor, timer: StageTimer
-    ) -> tuple[Tensor, Tensor]:
-        """``net``'s output (R, D) and flattened pool5 (R, C*P*P) of every box of one normalized
-        image, in chunks of ``region_batch`` regions; ``timer`` gets the warp, conv and fc stages."""
-        out, pool5 = [], []
+    def _layers(
+        self, net: Backbone, image: Tensor, boxes: Tensor, timer: StageTimer, fc6: bool = False
+    ) -> dict[str, Tensor]:
+        """One pass of ``net`` over every box of one normalized image, in chunks of ``region_batch``
+        regions: "out", its output (R, D); "pool5", flattened (R, C*P*P); with ``fc6`` (a net cut
+        after fc6 or later), "fc6" (R, fc_dim) too, where ``truncate`` ends it: the rest of the head
+        continues from it, so "out" is what ``net`` alone gives. ``timer`` gets the warp, conv and fc
+        stages."""
+        cut = len(truncate(net, "fc6").head) if fc6 else 0
+        first, rest = net.head[:cut], net.head[cut:]  # an empty part returns its input
+        kept: dict[str, list[Tensor]] = {"out": [], "pool5": [], **({"fc6": []} if fc6 else {})}
         for chunk in boxes.split(self.cfg.region_batch):
             with timer.stage("warp"):
                 regions = self._warp(image, chunk)
             with timer.stage("conv"):
                 p5 = net.pool5(regions)
             with timer.stage("fc"):
-                out.append(net(p5))
-            pool5.append(p5.flatten(1))
-        if not out:
-            d5 = net.channels * net.pool_size**2
-            return image.new_zeros((0, net.fc_dim)), image.new_zeros((0, d5))
-        return torch.cat(out), torch.cat(pool5)
+                mid = first(p5.flatten(1))
+                kept["out"].append(rest(mid))
+            kept["pool5"].append(p5.flatten(1))
+            if fc6:
+                kept["fc6"].append(mid)
+        if not kept["out"]:
+            widths = {"out": net.fc_dim, "pool5": net.channels * net.pool_size**2, "fc6": 0}
+            if fc6:
+                widths["fc6"] = truncate(net, "fc6").fc_dim
+            return {k: image.new_zeros((0, widths[k])) for k in kept}
+        return {k: torch.cat(v) for k, v in kept.items()}
 
     def _features_of(
-        self, net: Backbone, data: TrainData, rois: list[Tensor], regress: bool
+        self,
+        spec: RCNNVariant,
+        data: TrainData,
+        rois: list[Tensor],
+        regress: bool,
+        store: SharedLayers | None = None,
     ) -> FeatureFn:
-        """The training images' features for ``train_svm_head``: ``net``'s output, and pool5 for
-        box regression (none without ``regress``), of image i's training regions ``rois[i]``.
+        """The training images' features for ``train_svm_head``: layer ``spec.layer`` of the network
+        ``spec`` runs, and pool5 for box regression (none without ``regress``), of image i's training
+        regions ``rois[i]``. ``store`` gets the layers it keeps of each image from the same pass (the
+        network then cut after the deepest of them; fc6 and fc7 from one pass through the head).
 
         Under torchrun the processes extract the images in turn and share the features
         (distributed.in_rounds), so the returned function must be called with ``rois[i]``.
         """
+        kept = set(store.layers) if store is not None else set()
+        wanted = {spec.layer, *kept, *(["pool5"] if regress else [])}
+        deepest = max(wanted, key=FEATURE_LAYERS.index)
+        net = self._network(RCNNVariant(deepest, spec.finetuned))
+        fc6 = deepest == "fc7" and "fc6" in wanted
 
-        def extract(i: int) -> tuple[Tensor, Tensor]:
+        def extract(i: int) -> dict[str, Tensor]:
             image = normalize_image(torch.from_numpy(data.images[i]).to(self.device))
             boxes = rois[i].to(self.device)
-            out, pool5 = self._features(net, image, boxes, StageTimer(self.device))
-            return out.cpu(), (pool5 if regress else pool5[:, :0]).cpu()
+            found = self._layers(net, image, boxes, StageTimer(self.device), fc6)
+            found[deepest] = found.pop("out")
+            return {name: found[name].cpu() for name in wanted}
 
         extracted = distributed.in_rounds(extract, len(data.images))
 
@@ -298,9 +390,43 @@ class RCNN(Detector):
                 raise ValueError(
                     f"features_of({i}): asked for other boxes than the training regions"
                 )
-            return extracted(i)
+            found = extracted(i)
+            if store is not None:
+                store.put(i, found)
+            out = found[spec.layer]
+            return out, found["pool5"] if regress else out[:, :0]
 
         return features_of
+
+    def _share(
+        self, spec: RCNNVariant, rois: list[Tensor], source: str, later: list[str]
+    ) -> tuple[SharedLayers | None, dict | None]:
+        """What the extraction for ``spec`` (by ``source``) keeps for the SVM variants of ``later``
+        that run the same network on another layer: their layers, when the float32 copies fit
+        ``shared_features_gib``.
+
+        Returns:
+            (the store to fill, None when there is nothing to keep or it does not fit: each of those
+            variants then extracts its own; the training info's record of the choice, None when
+            there is nothing to keep).
+        """
+        readers = [
+            v
+            for v in later
+            if RCNN_VARIANTS[v].finetuned == spec.finetuned and RCNN_VARIANTS[v].layer != spec.layer
+        ]
+        layers = sorted({RCNN_VARIANTS[v].layer for v in readers}, key=FEATURE_LAYERS.index)
+        if not layers:
+            return None, None
+        net = self.net if spec.finetuned else self.initial
+        regions = sum(len(r) for r in rois)
+        size = 4 * regions * sum(truncate(net, layer).fc_dim for layer in layers)
+        kept = size <= self.cfg.shared_features_gib * 2**30
+        record = {"kept": kept, "layers": layers, "for": readers, "bytes": size}
+        if not kept:
+            return None, record
+        offsets = np.cumsum([0] + [len(r) for r in rois])
+        return SharedLayers(offsets, dict.fromkeys(layers), source), record
 
     def _work(self, variant: str) -> Path:
         # The process id ends the name: a later run removes the folder if this process was killed.
@@ -312,35 +438,82 @@ class RCNN(Detector):
         regions = training_regions(data, self.cfg.fg_iou)
         with timer.stage("finetune"):
             losses = self._finetune(data, regions[0], regions[2])
-        features_of = self._features_of(self.net, data, regions[0], regress=True)
+        spec = RCNN_VARIANTS[None]
+        store, sharing = self._share(spec, regions[0], self.name, self._svm_variants())
+        features_of = self._features_of(spec, data, regions[0], regress=True, store=store)
         svms, info = train_svm_head(
             features_of, self.net.fc_dim, data, regions, self.cfg, self._work("rcnn"), timer
         )
         self.svms[("fc7", True)] = svms.to(self.device)
-        return {"finetune_final_loss": float(np.mean(losses[-50:])), **info}
+        self._shared = {}
+        if store is not None:
+            store.seconds = timer.seconds["features"]
+            self._shared[True] = store
+        shared = {} if sharing is None else {"shared_layers": sharing}
+        return {"finetune_final_loss": float(np.mean(losses[-50:])), **info, **shared}
 
-    def fit_variants(self, data: TrainData, timer: StageTimer) -> dict:
-        """SVMs on the layer of each enabled variant that has no SVMs yet, with the default's SVM
-        stage (``train_svm_head``, without box regression), each on a cache of that layer only."""
-        todo = [
+    def _svm_variants(self) -> list[str]:
+        """The enabled variants that need SVMs of their own (not the default's fc7 ones)."""
+        return [
             v
             for v in self.enabled_variants()
             if not RCNN_VARIANTS[v].softmax
-            and (RCNN_VARIANTS[v].layer, RCNN_VARIANTS[v].finetuned) not in self.svms
+            and (RCNN_VARIANTS[v].layer, RCNN_VARIANTS[v].finetuned) != ("fc7", True)
+        ]
+
+    def fit_variants(self, data: TrainData, timer: StageTimer) -> dict:
+        """SVMs on the layer of each enabled variant that has no SVMs yet, with the default's SVM
+        stage (``train_svm_head``, without box regression), each on a cache of that layer only.
+
+        One extraction serves every variant of a network where its layers fit
+        ``shared_features_gib`` (``_share``): the fine-tuned network's is ``fit``'s, the initial
+        network's that of its first variant. A variant that reads a kept layer records that
+        extraction's seconds as its SHARED_STAGE (its "features" stage: its own pass over the kept
+        rows) and in its info "shared_extraction" (None: it extracted its own).
+        """
+        todo = [
+            v
+            for v in self._svm_variants()
+            if (RCNN_VARIANTS[v].layer, RCNN_VARIANTS[v].finetuned) not in self.svms
         ]
         regions = training_regions(data, self.cfg.fg_iou) if todo else None
         info = {}
-        for variant in todo:
+        for k, variant in enumerate(todo):
             spec = RCNN_VARIANTS[variant]
-            net = self._network(spec)
             stages = StageTimer(self.device)
-            features_of = self._features_of(net, data, regions[0], regress=False)
+            store = self._shared.get(spec.finetuned)
+            reads = store is not None and spec.layer in store.layers
+            sharing = None
+            if reads:
+                features_of = store.features_of(spec.layer)
+            else:
+                store, sharing = self._share(spec, regions[0], variant, todo[k + 1 :])
+                features_of = self._features_of(spec, data, regions[0], False, store)
+            width = self._network(spec).fc_dim
             work = self._work(f"rcnn_{variant}")
             head, info[variant] = train_svm_head(
-                features_of, net.fc_dim, data, regions, self.cfg, work, stages, regress=False
+                features_of, width, data, regions, self.cfg, work, stages, regress=False
             )
+            info[variant]["shared_extraction"] = None
+            if reads:
+                stages.seconds[SHARED_STAGE] = store.seconds
+                info[variant]["shared_extraction"] = {
+                    "from": store.source,
+                    "seconds": store.seconds,
+                }
+            elif store is not None:
+                store.seconds = stages.seconds["features"]
+                self._shared[spec.finetuned] = store
+            if sharing is not None:
+                info[variant]["shared_layers"] = sharing
             timer.add(stages, variant)
             self.svms[(spec.layer, spec.finetuned)] = head.to(self.device)
+            for net, kept in list(self._shared.items()):  # freed after their last reader
+                if not any(
+                    RCNN_VARIANTS[v].finetuned == net and RCNN_VARIANTS[v].layer in kept.layers
+                    for v in todo[k + 1 :]
+                ):
+                    del self._shared[net]
         return info
 
     def _finetune(self, data: TrainData, rois: list[Tensor], matches: list[Matches]):
@@ -395,6 +568,14 @@ class RCNN(Detector):
 
     # -- inference --------------------------------------------------------------------------------
 
+    def variant_groups(self, variants: tuple[str | None, ...]) -> list[tuple[str | None, ...]]:
+        """By network: the fine-tuned network's variants in one group, the initial network's in
+        another (each group warps, runs the trunk and the fc layers once per image)."""
+        groups: dict[bool, list[str | None]] = {}
+        for v in variants:
+            groups.setdefault(RCNN_VARIANTS[v].finetuned, []).append(v)
+        return [tuple(g) for g in groups.values()]
+
     @torch.no_grad()
     def _detect(
         self, image: Tensor, proposals: Tensor, timer: StageTimer, variant: str | None
@@ -402,15 +583,63 @@ class RCNN(Detector):
         spec = RCNN_VARIANTS[variant]
         with timer.stage("preprocess"):
             x = normalize_image(image)
-        out, pool5 = self._features(self._network(spec), x, proposals, timer)
+        layers = self._layers(self._network(spec), x, proposals, timer)
+        features = {spec.layer: layers["out"], "pool5": layers["pool5"]}
+        return self._head(image, proposals, features, timer, variant)
+
+    @torch.no_grad()
+    def _detect_group(
+        self,
+        image: Tensor,
+        proposals: Tensor,
+        shared: StageTimer,
+        timers: dict[str | None, StageTimer],
+    ) -> dict[str | None, Detections]:
+        """The variants of one network (``variant_groups``): the image's preprocessing, warp, trunk
+        and fc layers once, in ``shared`` (the network cut after the deepest layer a variant reads;
+        fc6 and fc7 from one pass through the head), then each variant's head in its own timer: the
+        detections of its own ``_detect``."""
+        specs = [RCNN_VARIANTS[v] for v in timers]
+        if len({spec.finetuned for spec in specs}) != 1:
+            raise ValueError("rcnn: a group's variants run one network (variant_groups)")
+        deepest = max((spec.layer for spec in specs), key=FEATURE_LAYERS.index)
+        net = self._network(RCNNVariant(deepest, specs[0].finetuned))
+        with shared.stage("preprocess"):
+            x = normalize_image(image)
+        layers = self._layers(net, x, proposals, shared, fc6=deepest == "fc7")
+        features = {deepest: layers["out"], "pool5": layers["pool5"]}
+        if "fc6" in layers:
+            features["fc6"] = layers["fc6"]
+        return {v: self._head(image, proposals, features, t, v) for v, t in timers.items()}
+
+    def _head(
+        self,
+        image: Tensor,
+        proposals: Tensor,
+        features: dict[str, Tensor],
+        timer: StageTimer,
+        variant: str | None,
+    ) -> Detections:
+        """``variant``'s steps after the network: its scores (SVMs on its layer, or the softmax on
+        fc7), candidates under its budget, box regression on pool5 if it regresses, NMS.
+        ``features``: the proposals' layers by name, pool5 flattened."""
+        spec = RCNN_VARIANTS[variant]
         size = (image.shape[0], image.shape[1])
-        budget = self.test_budget()
+        budget = self.test_budget(variant)
         if spec.softmax:
             with timer.stage("classifier"):
-                probs = F.softmax(self.cls(out), dim=1)[:, 1:]  # (R, K)
+                probs = F.softmax(self.cls(features["fc7"]), dim=1)[:, 1:]  # (R, K)
             thresh = self.cfg.softmax_thresh
             return ranked_detections(probs, proposals, thresh, self.cfg, size, timer, budget)
         svms = self.svms[(spec.layer, spec.finetuned)]
         return svm_detections(
-            out, pool5, proposals, svms, self.cfg, size, timer, spec.regress, budget
+            features[spec.layer],
+            features["pool5"],
+            proposals,
+            svms,
+            self.cfg,
+            size,
+            timer,
+            spec.regress,
+            budget,
         )

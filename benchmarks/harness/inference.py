@@ -29,10 +29,12 @@ from torch import Tensor
 __all__ = [
     "PassResult",
     "TimingPlan",
+    "alone_times",
     "count_costs",
     "plan_timing",
     "proposal_sweep",
     "sweep_boxes",
+    "time_group_pass",
     "time_pass",
 ]
 
@@ -67,11 +69,14 @@ class PassResult:
         samples_ms: per timed image (in ``plan.timed`` order), the median over the repeats.
         stages_ms: per timed image, ms per stage (of the repeat whose total was the median).
         detections: per image of the pass, its detections.
+        shared_pass: the variants the pass ran together (``Detector.variant_groups``), this one
+            among them; each one's time is what it would cost alone (``alone_times``).
     """
 
     samples_ms: list[float] = field(default_factory=list)
     stages_ms: list[dict[str, float]] = field(default_factory=list)
     detections: list[Detections] = field(default_factory=list)
+    shared_pass: tuple[str | None, ...] = (None,)
 
     def mean_stages(self) -> dict[str, float]:
         """Mean ms of each stage over the timed images (a stage an image skipped counts as 0)."""
@@ -118,20 +123,66 @@ def _timed_detect(
     return dets, took[0] * 1000, {k: v * 1000 for k, v in timer.seconds.items()}
 
 
-def _median_run(det, image, boxes, device, variant, repeats, precision, warm):
-    """The detections of the first run, and the time and stages of the median of ``repeats`` timed
-    runs. With ``warm`` one more run comes first and its time is dropped: an input size's first-call
-    costs (cuDNN and cuBLAS plans, oneDNN primitives) then fall on no pipeline's timed runs, whichever
-    pipeline met that size first."""
-    state = det.pass_state()  # a repeat must not count the image twice in the pass's budget
+def alone_times(
+    wall_s: float, shared_s: dict[str, float], own_s: dict[str | None, dict[str, float]]
+) -> dict[str | None, tuple[float, dict[str, float]]]:
+    """Per variant of a group detection, what it would cost alone: its time (ms), the group call's
+    wall time less the other variants' own stages, and its stages (ms), the shared ones (measured
+    once for the group) and its own.
+
+    Args:
+        wall_s: the whole group call, seconds.
+        shared_s: the stages run once for the group, seconds.
+        own_s: per variant, the stages it ran alone, seconds.
+    """
+    out = {}
+    for v, own in own_s.items():
+        others = sum(sum(s.values()) for u, s in own_s.items() if u != v)
+        stages = dict(shared_s)
+        for name, seconds in own.items():
+            stages[name] = stages.get(name, 0.0) + seconds
+        out[v] = ((wall_s - others) * 1000, {k: t * 1000 for k, t in stages.items()})
+    return out
+
+
+def _timed_group(
+    det: Detector,
+    image: Tensor,
+    boxes: Tensor | None,
+    device: torch.device,
+    group: tuple[str | None, ...],
+    precision: str,
+) -> dict[str | None, tuple[Detections, float, dict[str, float]]]:
+    """Per variant of ``group``, its detections, time (ms) and stage times (ms): a group of one
+    through ``detect`` (``_timed_detect``), a larger one in one ``detect_group`` call, each variant
+    timed as if alone (``alone_times``)."""
+    if len(group) == 1:
+        return {group[0]: _timed_detect(det, image, boxes, device, group[0], precision)}
+    shared, own = StageTimer(device), {v: StageTimer(device) for v in group}
+    with arithmetic(device, precision), device_clock(device) as took:
+        found = det.detect_group(image, boxes, shared, own)
+    alone = alone_times(took[0], shared.seconds, {v: t.seconds for v, t in own.items()})
+    return {v: (found[v], *alone[v]) for v in group}
+
+
+def _median_run(det, image, boxes, device, group, repeats, precision, warm):
+    """Per variant of ``group``, the detections of the first run, and the time and stages of the
+    median of ``repeats`` timed runs (each variant's median of its own times). With ``warm`` one more
+    run comes first and its time is dropped: an input size's first-call costs (cuDNN and cuBLAS
+    plans, oneDNN primitives) then fall on no pipeline's timed runs, whichever pipeline met that size
+    first."""
+    state = det.pass_state()  # a repeat must not count the image twice in the pass's budgets
     runs = []
     for k in range(repeats + int(warm)):
         if k:
             det.restore_pass_state(state)
-        runs.append(_timed_detect(det, image, boxes, device, variant, precision))
-    ordered = sorted(runs[int(warm) :], key=lambda r: r[1])
-    median = ordered[(len(ordered) - 1) // 2]
-    return runs[0][0], median[1], median[2]
+        runs.append(_timed_group(det, image, boxes, device, group, precision))
+    out = {}
+    for v in group:
+        ordered = sorted((run[v] for run in runs[int(warm) :]), key=lambda r: r[1])
+        median = ordered[(len(ordered) - 1) // 2]
+        out[v] = (runs[0][v][0], median[1], median[2])
+    return out
 
 
 def time_pass(
@@ -145,12 +196,32 @@ def time_pass(
     desc: str = "inference",
     canary: Canary | None = None,
 ) -> dict[str, PassResult]:
+    """``time_group_pass`` of one variant (``variant``: the one every pipeline of the pass runs):
+    per pipeline, its result."""
+    passes = time_group_pass(
+        detectors, test, boxes_for, plan, device, images, (variant,), desc, canary
+    )
+    return {name: result[variant] for name, result in passes.items()}
+
+
+def time_group_pass(
+    detectors: dict[str, Detector],
+    test: TestSet,
+    boxes_for: BoxesFor,
+    plan: TimingPlan,
+    device: torch.device,
+    images: tuple[int, ...] | None = None,
+    group: tuple[str | None, ...] = (None,),
+    desc: str = "inference",
+    canary: Canary | None = None,
+) -> dict[str, dict[str | None, PassResult]]:
     """Run every pipeline on ``images`` (default: the whole split), alternating their order image by
-    image, after the plan's warm-up; time the images of ``plan.timed``.
+    image, after the plan's warm-up; time the images of ``plan.timed``. Each pipeline runs the
+    variants of ``group`` together (one of its ``variant_groups``; a group of one: ``detect``).
 
     Under torchrun each process runs every world_size-th image (after its own warm-up) and the
     shares are gathered on every process in image order: each image is timed on the one device
-    that ran it, and the detections, the adaptive budget's final thresholds included, are one
+    that ran it, and the detections, the adaptive budgets' final thresholds included, are one
     process's.
 
     Args:
@@ -160,20 +231,23 @@ def time_pass(
         plan: the warm-up and timed images.
         device: where they run (synchronized around each detection).
         images: the images to run (their detections are kept); None: every test image.
-        variant: the test-time variant every pipeline of the pass runs.
+        group: the test-time variants every pipeline of the pass runs (None: the default model).
         desc: the progress bar's label.
         canary: timed after the pipelines on each timed image (the median of ``plan.repeats``
             runs); its ms per timed image, in ``plan.timed`` order, go to ``canary.samples_ms``.
+
+    Returns:
+        per pipeline, per variant of ``group``, its share of the pass.
     """
     order = list(detectors.items())
     for i in plan.warmup:
         for name, det in order:
-            _timed_detect(det, test.images[i], boxes_for(name, i), device, variant, plan.precision)
+            _timed_group(det, test.images[i], boxes_for(name, i), device, group, plan.precision)
     timed = set(plan.timed)
     indices = range(len(test.images)) if images is None else images
     for det in detectors.values():  # a pipeline's per-pass state (the originals' candidate budget)
-        det.start_pass(len(indices))
-    runs: dict[str, dict[int, tuple]] = {name: {} for name in detectors}
+        det.start_pass(len(indices), group)
+    runs: dict[str, dict[int, dict]] = {name: {} for name in detectors}
     canary_ms: dict[int, float] = {}
     mine = [indices[k] for k in distributed.share(len(indices))]
     for step, i in enumerate(progress(mine, desc, "img")):
@@ -182,7 +256,7 @@ def time_pass(
             image, boxes = test.images[i], boxes_for(name, i)
             warm = plan.warm_each and i in timed
             runs[name][i] = _median_run(
-                det, image, boxes, device, variant, repeats, plan.precision, warm
+                det, image, boxes, device, group, repeats, plan.precision, warm
             )
         if canary is not None and i in timed:
             canary_ms[i] = canary.time_ms(plan.repeats)
@@ -191,16 +265,17 @@ def time_pass(
     if canary is not None:
         done_canary = {i: ms for _, _, share in shares for i, ms in share.items()}
         canary.samples_ms = [done_canary[i] for i in indices if i in timed]
-    out = {name: PassResult() for name in detectors}
+    out = {name: {v: PassResult(shared_pass=group) for v in group} for name in detectors}
     for name, det in detectors.items():
         done = {i: run for share_runs, _, _ in shares for i, run in share_runs[name].items()}
-        for i in indices:
-            out[name].detections.append(done[i][0])
-            if i in timed:
-                out[name].samples_ms.append(done[i][1])
-                out[name].stages_ms.append(done[i][2])
         det.join_pass_states([share_states[name] for _, share_states, _ in shares])
-        out[name].detections = det.finish_pass(out[name].detections)
+        for v, result in out[name].items():
+            for i in indices:
+                result.detections.append(done[i][v][0])
+                if i in timed:
+                    result.samples_ms.append(done[i][v][1])
+                    result.stages_ms.append(done[i][v][2])
+            result.detections = det.finish_pass(result.detections, v)
     return out
 
 

@@ -34,6 +34,7 @@ from rcnn_bench.benchmarks.machine.estimate import Hollow, HollowTimer, Rates, m
 from rcnn_bench.benchmarks.machine.memory import PeakMemory, rss_bytes
 from rcnn_bench.pipelines import registry
 from rcnn_bench.pipelines.context import BuildContext
+from rcnn_bench.pipelines.detector import SHARED_STAGE
 from rcnn_bench.pipelines.parts.backbones import Backbone, build_backbone, clone, in_format
 from rcnn_bench.pipelines.parts.detections import TrainData
 from rcnn_bench.pipelines.parts.proposals import cache_path, load, selective_search
@@ -74,7 +75,8 @@ class Probe:
         peak_bytes: per pipeline, the peak memory of its probe training above where it started (the
             device's allocator on CUDA, the resident set on the CPU).
         model_bytes: per pipeline, the bytes of the model it runs at test time.
-        passes: per pipeline, test passes a run makes (the main one and one per enabled variant).
+        passes: per pipeline, test passes a run makes (the main one and one per group of enabled
+            variants, Detector.variant_groups: a group's pass is costed as one of the default's).
     """
 
     images: int
@@ -267,7 +269,7 @@ def run_probe(
             probe.train_s[name] = dict(timer.seconds)
             probe.peak_bytes[name] = mem.peak_bytes
             probe.model_bytes[name] = det.model_size()["bytes"]
-            probe.passes[name] = 1 + len(det.enabled_variants())
+            probe.passes[name] = 1 + len(det.variant_groups(det.enabled_variants()))
     return probe
 
 
@@ -396,10 +398,11 @@ def stage_estimates(
     """Seconds per stage, scaled from the probe: an iteration stage (Detector.iteration_stages) by
     the configured over the probe's iterations, a fixed stage (Detector.fixed_stages, a variant's
     too) not at all,
-    every other training stage by the training images over the probe's, the test passes (the main
-    one and one per enabled variant) by the test images; selective search by the uncached images
-    over ``proposal_workers``; each training seed after the first (``bench.seeds``) its training
-    again and one pass over the test images."""
+    every other training stage by the training images over the probe's (a SHARED_STAGE, seconds
+    that another stage counts, not at all), the test passes (the main one and one per group of
+    enabled variants) by the test images; selective search by the uncached images over
+    ``proposal_workers``; each training seed after the first (``bench.seeds``) its training again and
+    one pass over the test images."""
     n_train, n_test = len(splits.train), len(splits.test)
     uncached = sum(c["images"] for c in counts.values() if not c["cached"])
     out = {"proposals": {"selective search": probe.proposal_s * uncached / cfg.proposal_workers}}
@@ -415,6 +418,7 @@ def stage_estimates(
             in cls.fixed_stages  # a variant's stage: "<variant>/<stage>"
             else s * n_train / probe.images
             for stage, s in probe.train_s[name].items()
+            if stage.rsplit("/", 1)[-1] != SHARED_STAGE  # seconds another stage already counts
         }
         more = len(cfg.training_seeds) - 1  # bench.seeds: each trains again and detects once
         if more:

@@ -51,6 +51,7 @@ from rcnn_bench.benchmarks.harness.inference import (
     count_costs,
     plan_timing,
     proposal_sweep,
+    time_group_pass,
     time_pass,
 )
 from rcnn_bench.benchmarks.harness.preflight import (
@@ -390,26 +391,27 @@ def time_variants(
     plan: TimingPlan,
     device: torch.device,
 ) -> dict[str, dict[str, PassResult]]:
-    """Each pipeline's enabled test-time variants, each in a pass of its own over the same images as
-    the main pass (the same warm-up, the same timed images in the same order). Without the main
+    """Each pipeline's enabled test-time variants, in one pass per group of its ``variant_groups``
+    (the variants that share features run together, each timed as if alone), over the same images
+    as the main pass (the same warm-up, the same timed images in the same order). Without the main
     pass's untimed run of each timed image (``bench.warm_each_image``): that pass has met every
     image's input sizes already, with the same trunk."""
     unwarmed = dataclasses.replace(plan, warm_each=False)
     out: dict[str, dict[str, PassResult]] = {}
     for name, det in detectors.items():
         out[name] = {}
-        for variant in det.enabled_variants():
+        for group in det.variant_groups(det.enabled_variants()):
             one = {name: det}
-            result = time_pass(
+            result = time_group_pass(
                 one,
                 test,
                 _boxes_for(one, test),
                 unwarmed,
                 device,
-                variant=variant,
-                desc=variant,
+                group=group,
+                desc="+".join(group),
             )
-            out[name][variant] = result[name]
+            out[name].update(result[name])
     return out
 
 
@@ -509,7 +511,7 @@ def _variant_records(
     """One pipeline's ``variants`` block: per variant its scores, timing, FLOPs, size and training.
 
     Args:
-        passes: per variant, its timing pass.
+        passes: per variant, its timing pass ("shared_pass": the variants timed with it).
         costs: per variant, its FLOPs and size (``_costs``'s "variants").
         train_stages_s: the variants' training stages, "<variant>/<stage>" -> seconds.
         splits: the classes and the test annotations.
@@ -524,6 +526,7 @@ def _variant_records(
             "flops_per_image": costs[variant]["flops"],
             "params": costs[variant]["params"],
             "model_bytes": costs[variant]["bytes"],
+            "shared_pass": list(result.shared_pass),
             "train_s": sum(
                 s for stage, s in train_stages_s.items() if stage.startswith(f"{variant}/")
             ),

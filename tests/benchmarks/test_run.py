@@ -18,7 +18,12 @@ from rcnn_bench.benchmarks.harness.data import (
     TestSet as SplitInMemory,
 )  # not a test class for pytest
 from rcnn_bench.benchmarks.harness.data import load_splits
-from rcnn_bench.benchmarks.harness.inference import TimingPlan, sweep_boxes, time_pass
+from rcnn_bench.benchmarks.harness.inference import (
+    TimingPlan,
+    alone_times,
+    sweep_boxes,
+    time_pass,
+)
 from rcnn_bench.benchmarks.harness.run import run, time_variants, weights_sha1
 from rcnn_bench.benchmarks.reporting.results import ResultsError, read_results, validate
 from rcnn_bench.pipelines.context import BuildContext
@@ -272,6 +277,43 @@ def test_variant_passes_are_not_warmed_again():
     time_variants({"recorder": det}, test, plan, torch.device("cpu"))
     assert [i for v, i in det.seen if v is None] == [0, 0, 1, 1, 2, 2, 3]
     assert [i for v, i in det.seen if v == "b"] == [0, 0, 1, 2, 3]
+
+
+class _GroupRecorder(_Recorder):
+    """A recorder whose two variants run in one group: a shared "conv" stage, then each its own
+    "classifier"."""
+
+    def variant_groups(self, variants):
+        return [tuple(variants)]
+
+    def _detect_group(self, image, proposals, shared, timers):
+        with shared.stage("conv"):
+            self.seen.append((tuple(timers), int(image[0, 0, 0])))
+        for timer in timers.values():
+            with timer.stage("classifier"):
+                pass
+        return {v: Detections.empty() for v in timers}
+
+
+def test_each_variant_of_a_group_is_timed_as_if_alone():
+    # By hand: a 100 ms group call with a 60 ms shared stage; a's own stage took 10 ms, b's 25 ms.
+    shared = {"conv": 0.060}
+    own = {"a": {"classifier": 0.010}, "b": {"classifier": 0.020, "nms": 0.005}}
+    alone = alone_times(0.100, shared, own)
+    assert alone["a"][0] == pytest.approx(75.0) and alone["b"][0] == pytest.approx(90.0)
+    assert alone["a"][1] == pytest.approx({"conv": 60.0, "classifier": 10.0})
+    assert alone["b"][1] == pytest.approx({"conv": 60.0, "classifier": 20.0, "nms": 5.0})
+    # The harness runs a group in one pass: one call per image, a result per variant.
+    test = SplitInMemory(
+        [torch.full((4, 4, 3), i, dtype=torch.uint8) for i in range(3)], [], [None] * 3
+    )
+    det = _GroupRecorder(_RecorderConfig())
+    plan = TimingPlan(warmup=(0,), timed=(1, 2), repeats=1)
+    passes = time_variants({"recorder": det}, test, plan, torch.device("cpu"))["recorder"]
+    assert det.seen == [(("a", "b"), i) for i in (0, 0, 1, 2)]
+    for v in ("a", "b"):
+        assert passes[v].shared_pass == ("a", "b") and len(passes[v].samples_ms) == 2
+        assert set(passes[v].stages_ms[0]) == {"conv", "classifier"}
 
 
 def test_each_timed_image_is_warmed_once_and_its_first_time_dropped(monkeypatch):

@@ -10,6 +10,7 @@ from rcnn_bench.pipelines.context import BuildContext
 from rcnn_bench.pipelines.detector import Detector
 from rcnn_bench.pipelines.fast_rcnn import FastRCNN
 from rcnn_bench.pipelines.parts.backbones import normalize_image
+from rcnn_bench.pipelines.parts.detections import Detections
 from rcnn_bench.pipelines.parts.scoring import ScoreBudget, candidates, select
 from rcnn_bench.pipelines.rcnn import RCNN
 from rcnn_bench.pipelines.runtime.timing import StageTimer
@@ -212,3 +213,31 @@ def test_outside_a_pass_and_in_fixed_mode_nothing_is_recorded():
     dets = [fixed.detect(torch.tensor(i), APART, StageTimer("cpu")) for i in range(3)]
     assert [len(d.scores) for d in dets] == [6, 6, 6]  # every pair above -1
     assert fixed.finish_pass(dets) is dets and fixed.test_budget() is None
+
+
+def test_each_variant_of_a_pass_has_its_own_budget():
+    """A pass of two variants: each one's budget counts its own images only; repeats restore both,
+    shares of processes merge per variant, and each variant's detections are pruned by its own."""
+    det = _scripted(_BudgetConfig(), keeps_ties=False)
+    alone = _scripted(_BudgetConfig(), keeps_ties=False)
+    alone.start_pass(3)
+    expected = alone.finish_pass(
+        [alone.detect(torch.tensor(i), APART, StageTimer("cpu")) for i in range(3)]
+    )
+    det.start_pass(3, (None, "b"))
+    first = det.detect(torch.tensor(0), APART, StageTimer("cpu"))
+    state = det.pass_state()
+    assert set(state) == {None, "b"} and state["b"].thresholds == [-math.inf] * 2
+    det.restore_pass_state(state)
+    det.join_pass_states([det.pass_state()])  # one process: its own state
+    dets = [first] + [det.detect(torch.tensor(i), APART, StageTimer("cpu")) for i in (1, 2)]
+    with pytest.raises(ValueError, match="does not run variant 'c'"):
+        det.test_budget("c")
+    after = det.pass_state()
+    assert after[None].thresholds != after["b"].thresholds == [-math.inf] * 2  # b ran no image
+    final = det.finish_pass(dets)
+    for a, b in zip(final, expected, strict=True):
+        assert torch.equal(a.scores, b.scores)
+    assert det.pass_state() is not None  # "b" has not finished
+    assert det.finish_pass([Detections.empty()] * 3, "b")[0].scores.numel() == 0
+    assert det.pass_state() is None

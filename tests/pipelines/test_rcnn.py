@@ -121,7 +121,8 @@ def _svm_head_of(det: RCNN, data: TrainData, features: str, tmp_path, calls: lis
     def features_of(i, boxes):
         calls.append(i)
         image = normalize_image(torch.from_numpy(data.images[i]))
-        return det._features(det.net, image, boxes, StageTimer("cpu"))
+        layers = det._layers(det.net, image, boxes, StageTimer("cpu"))
+        return layers["out"], layers["pool5"]
 
     cfg = replace(det.cfg, features=features)
     work = tmp_path / f"rcnn-{features}-work-0"
@@ -210,6 +211,7 @@ def test_variants_cut_the_network_and_train_svms_on_their_own_layer(tiny_voc, tm
     assert set(timer.seconds) == {"finetune", "features", "svm", "bbox_reg"}
     assert set(variant_timer.seconds) == {
         "pool5/features",
+        "pool5/shared_extraction",  # the seconds of fit's extraction, whose pool5 it read
         "pool5/svm",
         "fc6_no_ft/features",
         "fc6_no_ft/svm",
@@ -257,9 +259,83 @@ def test_softmax_variant_uses_no_svm_weights(tiny_voc, tmp_path):
     image, proposals = torch.from_numpy(data.images[0]), torch.from_numpy(data.proposals[0])
     d = det.detect(image, proposals, StageTimer("cpu"), "softmax")
     with torch.no_grad():
-        fc7, _ = det._features(det.net, normalize_image(image), proposals, StageTimer("cpu"))
+        fc7 = det._layers(det.net, normalize_image(image), proposals, StageTimer("cpu"))["out"]
         probs = torch.softmax(det.cls(fc7), dim=1)[:, 1:]  # (R, K)
     assert len(d.scores)
     for score, label, box in zip(d.scores, d.labels, d.boxes, strict=True):
         row = (proposals == box).all(dim=1).nonzero()[0, 0]  # no box regression: a proposal
         assert_close(score, probs[row, label - 1])
+
+
+def test_one_extraction_and_one_pass_per_network_serve_every_variant(tiny_voc, tmp_path):
+    """Training: the fine-tuned layers kept from ``fit``'s extraction, the initial net's from its
+    first variant's, train the very SVMs of each variant's own extraction. Test: each network's
+    variants in one group pass (repeated images included) detect exactly what their own passes do,
+    each under a budget of its own."""
+    from rcnn_bench.benchmarks.harness.data import TestSet
+    from rcnn_bench.benchmarks.harness.inference import TimingPlan, time_group_pass, time_pass
+
+    data = _tiny_data(tiny_voc)
+    cfg = RCNNConfig(
+        context_pad=4,
+        solver=SolverConfig(iters=2),
+        batch_size=16,
+        svm=SVMConfig(retrain_limit=20),
+        max_per_image=3,
+        max_per_set_factor=2,  # a budget that binds: thresholds rise within the pass
+    )
+    det = RCNN(cfg, build_context(4, tmp_path))
+    info = det.fit(data, StageTimer("cpu"))
+    assert info["shared_layers"] == {
+        "kept": True,
+        "layers": ["pool5", "fc6"],
+        "for": ["fc6", "pool5"],
+        "bytes": 4 * info["feature_cache_regions"] * (2048 + 256),
+    }
+    variant_timer = StageTimer("cpu")
+    shared_info = det.fit_variants(data, variant_timer)
+    shared = dict(det.svms)
+    assert shared_info["fc6"]["shared_extraction"]["from"] == "rcnn"
+    assert shared_info["pool5_no_ft"]["shared_extraction"]["from"] == "fc7_no_ft"
+    assert shared_info["fc7_no_ft"]["shared_extraction"] is None
+    assert shared_info["fc7_no_ft"]["shared_layers"]["for"] == ["fc6_no_ft", "pool5_no_ft"]
+    # A reader records the seconds of the extraction it read beside its own pass over the rows.
+    seconds = shared_info["fc6_no_ft"]["shared_extraction"]["seconds"]
+    assert seconds == variant_timer.seconds["fc7_no_ft/features"]
+    assert variant_timer.seconds["fc6_no_ft/shared_extraction"] == seconds
+    assert "fc7_no_ft/shared_extraction" not in variant_timer.seconds
+    # Each variant extracting its own (no memory to share) trains the same SVMs.
+    det.cfg = replace(cfg, shared_features_gib=0.0)
+    det.svms = {("fc7", True): shared[("fc7", True)]}
+    own_info = det.fit_variants(data, StageTimer("cpu"))
+    assert set(det.svms) == set(shared)
+    for key, head in shared.items():
+        assert torch.equal(head.weight, det.svms[key].weight), key
+        assert torch.equal(head.bias, det.svms[key].bias), key
+    assert own_info["fc7_no_ft"]["shared_layers"]["kept"] is False
+    assert all(i["shared_extraction"] is None for i in own_info.values())
+
+    test = TestSet(
+        [torch.from_numpy(image) for image in data.images],
+        [torch.from_numpy(boxes) for boxes in data.proposals],
+        data.annotations,
+    )
+    boxes_for = lambda name, i: test.boxes[i]  # noqa: E731
+    plan = TimingPlan(warmup=(0,), timed=(1, 2), repeats=2)
+    cpu = torch.device("cpu")
+    groups = det.variant_groups(det.enabled_variants())
+    assert groups == [("no_bbox_reg", "softmax", "fc6", "pool5"), RCNN_NO_FT]
+    for group in groups:
+        together = time_group_pass({"rcnn": det}, test, boxes_for, plan, cpu, group=group)
+        for variant in group:
+            alone = time_pass({"rcnn": det}, test, boxes_for, plan, cpu, variant=variant)
+            mine, theirs = together["rcnn"][variant], alone["rcnn"]
+            assert mine.shared_pass == group and len(mine.samples_ms) == 2
+            assert set(mine.stages_ms[0]) >= {"warp", "conv", "fc", "classifier", "nms"}
+            assert sum(len(d.scores) for d in mine.detections) > 0
+            for a, b in zip(mine.detections, theirs.detections, strict=True):
+                for x, y in zip(a.__dict__.values(), b.__dict__.values(), strict=True):
+                    assert torch.equal(x, y), variant
+
+
+RCNN_NO_FT = ("fc7_no_ft", "fc6_no_ft", "pool5_no_ft")
