@@ -45,6 +45,7 @@ def tiny_overrides(tmp_path):
         "proposals.max_proposals=30",
         "pipelines.rcnn.solver.iters=2",
         "pipelines.rcnn.batch_size=16",
+        "pipelines.rcnn.variants=[no_bbox_reg, softmax]",  # the tests' own, not the default's
         "pipelines.fast_rcnn.solver.iters=2",
         "pipelines.fast_rcnn.scale=64",
         "pipelines.fast_rcnn.max_size=128",
