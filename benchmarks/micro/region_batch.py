@@ -2,7 +2,7 @@
 
     python -m benchmarks.micro.region_batch --backbone tiny --regions 512 --batches 16 32 64 128 256 512
 
-Times RCNN._features (warp, trunk and pool5, fc6/fc7: what region_batch chunks) on ``--regions`` random
+Times RCNN._layers (warp, trunk and pool5, fc6/fc7: what region_batch chunks) on ``--regions`` random
 boxes of a random 192x256 image (a 375x500 one for AlexNet and VGG16, VOC's usual size), the batch
 sizes interleaved round by round (benchmarks.reference.interleaved_times), and prints each batch's
 median and minimum milliseconds per region. Random weights: the time does not depend on them.
@@ -40,12 +40,12 @@ def random_boxes(n: int, size: tuple[int, int], gen: torch.Generator) -> torch.T
 def region_seconds(
     det: Detector, image: torch.Tensor, boxes: torch.Tensor, stages: tuple[str, ...]
 ):
-    """A measure for interleaved_times: one RCNN._features pass over ``boxes``, the seconds its
+    """A measure for interleaved_times: one RCNN._layers pass over ``boxes``, the seconds its
     ``stages`` ("warp", "conv", "fc") took, summed."""
 
     def measure() -> float:
         timer = StageTimer(det.device)
-        det._features(det.net, image, boxes, timer)
+        det._layers(det.net, image, boxes, timer)
         return sum(timer.seconds[s] for s in stages)
 
     return measure

@@ -5,7 +5,7 @@ torchvision's own parts, the same results asserted and the times held within 10%
   RoIHeads around our trunk and weights, benchmarks/reference.py), one 192x256 image and 300 proposals,
   the default config's settings but for test_topk "fixed" and dedup_boxes 0 (what RoIHeads does).
   The same comparison of the steps after the trunk alone, on one conv map.
-- R-CNN: the conv and fc stages of RCNN._features on one chunk of ``region_batch`` warped regions
+- R-CNN: the conv and fc stages of RCNN._layers on one chunk of ``region_batch`` warped regions
   (the default config's) against the backbone's own forward, net(max pool(trunk(x))), on a fresh
   random batch of that shape.
 
@@ -177,7 +177,7 @@ def test_rcnn_regions_against_a_batched_forward(benchmark, run_config):
         # cache and runs the first convolution faster.
         return wall_seconds(partial(forward, torch.randn(shape, generator=gen)))()
 
-    out, _ = det._features(net, image, boxes, StageTimer())
+    out = det._layers(net, image, boxes, StageTimer())["out"]
     assert out.shape == forward(torch.randn(shape, generator=gen)).shape == (batch, net.fc_dim)
     benchmark(forward, torch.randn(shape, generator=gen))
     times = interleaved_times(
