@@ -261,11 +261,21 @@ class Detector(abc.ABC):
             timer: receives the inference stages.
             variant: one of ``variants``, or None for the default model.
         """
-        if variant not in (None, *self.offered_variants(self.cfg)):
-            raise ValueError(f"{self.name} has no test-time variant {variant!r}")
-        if not self.owns_proposals and (proposals is None or proposals.shape[0] == 0):
+        if self._nothing_to_score((variant,), proposals):
             return Detections.empty()
         return self._detect(image, proposals, timer, variant)
+
+    def _nothing_to_score(self, variants: tuple[str | None, ...], proposals: Tensor | None) -> bool:
+        """What ``detect`` and ``detect_group`` check first: whether the image has no region to
+        score (no shared proposals for a pipeline that uses them).
+
+        Raises:
+            ValueError: one of ``variants`` is not one of this pipeline's.
+        """
+        for variant in variants:
+            if variant not in (None, *self.offered_variants(self.cfg)):
+                raise ValueError(f"{self.name} has no test-time variant {variant!r}")
+        return not self.owns_proposals and (proposals is None or proposals.shape[0] == 0)
 
     @abc.abstractmethod
     def _detect(
@@ -294,10 +304,7 @@ class Detector(abc.ABC):
             shared: receives the stages run once for the whole group (what its variants share).
             timers: per variant, receives the stages it runs alone (its own head).
         """
-        for variant in timers:
-            if variant not in (None, *self.offered_variants(self.cfg)):
-                raise ValueError(f"{self.name} has no test-time variant {variant!r}")
-        if not self.owns_proposals and (proposals is None or proposals.shape[0] == 0):
+        if self._nothing_to_score(tuple(timers), proposals):
             return {v: Detections.empty() for v in timers}
         return self._detect_group(image, proposals, shared, timers)
 

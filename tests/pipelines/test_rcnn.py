@@ -190,18 +190,24 @@ def test_cache_bytes_follow_the_feature_strategy():
         RCNNConfig(features="ram")
 
 
+def _tiny_cfg(**settings) -> RCNNConfig:
+    """Two fine-tuning iterations on 16-region batches and a short SVM mining: the variants' tests'
+    tiny R-CNN, with ``settings`` on top."""
+    return RCNNConfig(
+        context_pad=4,
+        solver=SolverConfig(iters=2),
+        batch_size=16,
+        svm=SVMConfig(retrain_limit=20),
+        **settings,
+    )
+
+
 def test_variants_cut_the_network_and_train_svms_on_their_own_layer(tiny_voc, tmp_path):
     from rcnn_bench.benchmarks.harness.inference import count_costs
     from rcnn_bench.benchmarks.harness.run import weights_sha1
 
     data = _tiny_data(tiny_voc)
-    cfg = RCNNConfig(
-        context_pad=4,
-        solver=SolverConfig(iters=2),
-        batch_size=16,
-        svm=SVMConfig(retrain_limit=20),
-        variants=("no_bbox_reg", "softmax", "pool5", "fc6_no_ft"),
-    )
+    cfg = _tiny_cfg(variants=("no_bbox_reg", "softmax", "pool5", "fc6_no_ft"))
     det = RCNN(cfg, build_context(4, tmp_path))
     initial = weights_sha1(build_backbone(BackboneConfig()))
     timer, variant_timer = StageTimer("cpu"), StageTimer("cpu")
@@ -276,11 +282,7 @@ def test_one_extraction_and_one_pass_per_network_serve_every_variant(tiny_voc, t
     from rcnn_bench.benchmarks.harness.inference import TimingPlan, time_group_pass, time_pass
 
     data = _tiny_data(tiny_voc)
-    cfg = RCNNConfig(
-        context_pad=4,
-        solver=SolverConfig(iters=2),
-        batch_size=16,
-        svm=SVMConfig(retrain_limit=20),
+    cfg = _tiny_cfg(
         max_per_image=3,
         max_per_set_factor=2,  # a budget that binds: thresholds rise within the pass
     )
