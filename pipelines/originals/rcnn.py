@@ -90,6 +90,19 @@ RCNN = Table(
         Original("SVM bias multiplier", 10.0, f"{_SVM}:35", "svm.bias_scale"),
         Original("SVM positive weight", 2.0, f"{_SVM}:36", "svm.pos_weight"),
         Original(
+            "SVM stopping tolerance (liblinear -e)",
+            0.1,
+            "external/liblinear-1.94/matlab/train.c:228-231 (the -s 3 default; "
+            "rcnn_train.m:289-291 sets no -e)",
+            "svm.tol",
+        ),
+        Original(
+            "SVM iterations, at most",
+            1000,
+            "external/liblinear-1.94/linear.cpp:787",
+            "svm.max_iter",
+        ),
+        Original(
             "features scaled to mean norm", 20.0, "rcnn_scale_features.m:11-12", "feature_norm"
         ),
         Original("SVM negatives' IoU, below", 0.3, f"{_SVM}:233,237,246", "svm_neg_iou"),

@@ -92,6 +92,19 @@ SPPNET = Table(
         Original("SVM C", 0.001, f"{_TRAIN}:43", "svm.c"),
         Original("SVM bias multiplier", 10.0, f"{_TRAIN}:44", "svm.bias_scale"),
         Original("SVM positive weight", 2.0, f"{_TRAIN}:45", "svm.pos_weight"),
+        Original(
+            "SVM stopping tolerance (liblinear -e)",
+            0.1,
+            "external/liblinear-1.93_multicore/matlab/train.cpp:197-200 (the -s 3 default; "
+            "spp_train.m:334-336 sets no -e)",
+            "svm.tol",
+        ),
+        Original(
+            "SVM iterations, at most",
+            1000,
+            "external/liblinear-1.93_multicore/linear.cpp:788",
+            "svm.max_iter",
+        ),
         Original("features scaled to mean norm", 20.0, "spp_scale_features.m:11", "feature_norm"),
         Original("SVM negatives' IoU, below", 0.3, f"{_SCRIPT}:49", "svm_neg_iou"),
         Original("hard negatives join above", -1.0001, f"{_TRAIN}:450", "svm.hard_thresh"),
