@@ -84,6 +84,11 @@ class RCNNConfig:
     """R-CNN's settings; defaults are the paper's."""
 
     context_pad: int = 16  # context around each warped box, in warped pixels
+    # The side regions are warped to; 0: the backbone's own input (227 AlexNet, 224 VGG16 and
+    # EfficientNet-Lite0, 64 tiny). The original warps to the network's input: crop_mode "warp"
+    # (rcnn_create_model.m:61) to crop_size = the mean image's side (rcnn_extract_regions.m:36),
+    # cnn.input_size 227 (rcnn_create_model.m:48). A smaller warp trades detail for time on a CPU.
+    warp_size: int = 0
     use_difficult: bool = False  # difficult objects are training targets too (the original: true)
     solver: SolverConfig = field(default_factory=lambda: PAPER_SOLVER)
     cls_lr_mult: float = 10.0  # the new classifier's lr multiplier (its bias: times bias_lr_mult)
@@ -118,6 +123,10 @@ class RCNNConfig:
             raise ValueError(f"test_topk must be one of {TEST_TOPK}, got {self.test_topk!r}")
         if self.cls_lr_mult < 0:
             raise ValueError(f"cls_lr_mult must be >= 0, got {self.cls_lr_mult}")
+        if self.warp_size < 0 or 0 < self.warp_size < 32:
+            raise ValueError(
+                f"warp_size must be 0 (the backbone's input) or at least 32, got {self.warp_size}"
+            )
         if self.shared_features_gib < 0:
             raise ValueError(f"shared_features_gib must be >= 0, got {self.shared_features_gib}")
 
@@ -240,6 +249,7 @@ class RCNN(Detector):
         super().__init__(cfg, context)
         backbone = context.backbone()
         self.net = backbone.to(self.device)
+        self.warp_size = cfg.warp_size or backbone.input_size  # S: the side regions are warped to
         self.cls = nn.Linear(backbone.fc_dim, self.num_classes + 1).to(self.device)  # fine-tuning
         nn.init.normal_(self.cls.weight, std=0.01)
         nn.init.zeros_(self.cls.bias)
@@ -322,7 +332,7 @@ class RCNN(Detector):
     # -- the network on warped regions -----------------------------------------------------------
 
     def _warp(self, image: Tensor, boxes: Tensor) -> Tensor:
-        return warp_regions(image, boxes, self.net.input_size, self.cfg.context_pad)
+        return warp_regions(image, boxes, self.warp_size, self.cfg.context_pad)
 
     @torch.no_grad()
     def _layers(
@@ -535,7 +545,7 @@ class RCNN(Detector):
             mine = distributed.share(len(batch))  # every process draws the batch, runs its share
             picked = batch[mine]
             regions = torch.empty(
-                (len(picked), 3, self.net.input_size, self.net.input_size), device=self.device
+                (len(picked), 3, self.warp_size, self.warp_size), device=self.device
             )
             for i in torch.unique(image_of[picked]).tolist():  # one batched warp per image
                 rows = torch.nonzero(image_of[picked] == i).flatten()
@@ -563,7 +573,7 @@ class RCNN(Detector):
 
     def object_floor(self) -> ObjectFloor:
         # Every region is warped to the net's input: a smaller object is enlarged, never lost.
-        side = self.net.input_size
+        side = self.warp_size
         return ObjectFloor(f"its {side}-pixel warp", None, lambda size: float(side))
 
     # -- inference --------------------------------------------------------------------------------

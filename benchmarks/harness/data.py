@@ -83,7 +83,10 @@ def ensure_dataset(data: DataConfig) -> tuple[Path, str]:
         if (root / "Annotations").is_dir():
             return root, "voc"
         if not data.fallback_to_synthetic:
-            raise ValueError(f"{root}: VOC folder not found (run scripts/fetch_voc2007.sh)")
+            raise ValueError(
+                f"{root}: VOC folder not found (set data.root to a folder with JPEGImages/, "
+                "Annotations/ and ImageSets/Main/; scripts/fetch_voc2007.sh fetches VOC2007)"
+            )
         synthetic_root = root.parent / f"synthetic-fallback-{data.synthetic.seed}"
         log(f"{root} not found: using synthetic images of the configured size at {synthetic_root}")
     marker = synthetic_root / ".generated.json"

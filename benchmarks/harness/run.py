@@ -81,7 +81,7 @@ from rcnn_bench.pipelines.detector import Detector
 from rcnn_bench.pipelines.parts.backbones import Backbone, build_backbone, clone, in_format
 from rcnn_bench.pipelines.parts.detections import TrainData
 from rcnn_bench.pipelines.parts.proposals import ProposalConfig, ProposalSet, time_search
-from rcnn_bench.pipelines.parts.training import recording_curves
+from rcnn_bench.pipelines.parts.training import Diverged, recording_curves
 from rcnn_bench.pipelines.runtime import distributed
 from rcnn_bench.pipelines.runtime.progress import log, progress
 from rcnn_bench.pipelines.runtime.timing import StageTimer, channels_last_on
@@ -288,10 +288,13 @@ def train_pipelines(
     for name, det in detectors.items():
         log(f"training {name}" + (f" on {world} processes" if world > 1 else ""))
         timer, variant_timer = StageTimer(device), StageTimer(device)
-        with PeakMemory(device) as mem, seeded(seed, name), recording_curves() as curves:
-            info = det.fit(det.training_split(train), timer)
-        with seeded(seed, f"{name} variants"):
-            variant_info = det.fit_variants(det.training_split(train), variant_timer)
+        try:
+            with PeakMemory(device) as mem, seeded(seed, name), recording_curves() as curves:
+                info = det.fit(det.training_split(train), timer)
+            with seeded(seed, f"{name} variants"):
+                variant_info = det.fit_variants(det.training_split(train), variant_timer)
+        except Diverged as err:
+            raise Diverged(f"pipelines.{name}.solver (training seed {seed}): {err}") from None
         stages = dict(timer.seconds)
         out[name] = {
             "stages_s": stages,

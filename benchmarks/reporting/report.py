@@ -420,7 +420,8 @@ def _fig_trend(results: dict, history: list[dict], out: Path) -> str | None:
         a.plot(x, train, marker="s", ls=":", label=f"{pair} train")
     a.set_title("Speedups over the baseline (inference with 95% CI; training dotted)")
     a.set_ylabel("x")
-    a.legend(fontsize=7)
+    if results["speedup"]:  # a run of one pipeline has no speedup to draw or name
+        a.legend(fontsize=7)
     for name in results["pipelines"]:
         values = [h["map"].get(name, np.nan) for h in history]
         b.plot(x, values, marker="o", label=_label(results, name), color=colours[name])

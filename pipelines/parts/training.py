@@ -13,6 +13,7 @@ records them per pipeline and seed, and the report draws them).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
+    "Diverged",
     "SolverConfig",
     "binned_curve",
     "learning_rate",
@@ -153,6 +155,15 @@ def learning_rate(solver: SolverConfig, it: int) -> float:
     return lr
 
 
+class Diverged(ValueError):
+    """SGD's loss became non-finite (NaN or infinite): the schedule, not the code, is at fault."""
+
+
+def _last_finite(losses: list[float]) -> str:
+    finite = [x for x in losses if math.isfinite(x)]
+    return f"{finite[-1]:.4g}" if finite else "none"
+
+
 class _LossModule(nn.Module):
     """What DistributedDataParallel wraps: the trained parameters, and a forward that is the loss of
     one iteration (the pipelines' modules run inside ``loss_fn``; DDP hooks their parameters)."""
@@ -219,6 +230,12 @@ def run_sgd(
         opt.step()
         loss = torch.stack(parts).sum()
         losses.append(float(distributed.sum_over_ranks(loss)))
+        if not math.isfinite(losses[-1]):
+            raise Diverged(
+                f"the loss became {losses[-1]} at iteration {it + 1} of {solver.iters} (learning "
+                f"rate {lr:.3g}; the last finite one {_last_finite(losses)}): lower the solver's lr "
+                "or raise its warmup_iters"
+            )
         if it % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     sink = _CURVES.get()

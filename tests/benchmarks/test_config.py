@@ -108,3 +108,19 @@ def test_fidelity_rows_give_the_arithmetic_of_training_and_test():
         "training arithmetic": ("tf32", "deviation"),
         "test-time arithmetic": ("bf16", "deviation"),
     }
+
+
+def test_a_missing_voc_folder_is_named_with_what_it_must_hold(tmp_path):
+    from rcnn_bench.benchmarks.harness.data import ensure_dataset
+
+    cfg = load_config(
+        Path(__file__).resolve().parents[2] / "benchmarks" / "configs" / "real.yaml",
+        [f"data.root={tmp_path / 'nowhere'}"],
+    )
+    with pytest.raises(ValueError) as err:
+        ensure_dataset(cfg.data)
+    assert str(err.value) == (
+        f"{tmp_path / 'nowhere'}: VOC folder not found (set data.root to a folder with JPEGImages/, "
+        "Annotations/ and ImageSets/Main/; scripts/fetch_voc2007.sh fetches VOC2007)"
+    )
+    assert not (tmp_path / "nowhere").exists()  # nothing generated in its place

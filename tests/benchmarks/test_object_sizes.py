@@ -74,3 +74,26 @@ def test_degenerate_boxes_are_not_training_targets():
     data = TrainData([np.zeros((480, 640, 3), np.uint8)], [ann], [np.zeros((0, 4))], 2)
     boxes, labels = data.ground_truth(0)
     assert boxes.tolist() == [[10, 10, 50, 50]] and labels.tolist() == [2]
+
+
+def test_rcnn_warps_to_its_warp_size_when_set():
+    from rcnn_bench.pipelines.parts.warp import warp_regions
+    from rcnn_bench.pipelines.rcnn import RCNNConfig
+
+    cfg = load_config(
+        "benchmarks/configs/default.yaml",
+        ["pipelines=rcnn", "bench.baseline=rcnn", "pipelines.rcnn.warp_size=48"],
+    )
+    (rcnn,) = build_pipelines(
+        cfg, build_backbone(cfg.backbone), 2, torch.device("cpu"), cfg.seed
+    ).values()
+    assert rcnn.warp_size == 48 and rcnn.net.input_size == 64  # the backbone keeps its own input
+    assert object_floors({"rcnn": rcnn})["rcnn"][2]((480, 640)) == 48.0
+    image = torch.randn(3, 40, 60)
+    boxes = torch.tensor([[0.0, 0.0, 19.0, 9.0], [10.0, 5.0, 59.0, 39.0]])
+    regions = rcnn._warp(image, boxes)
+    assert regions.shape == (2, 3, 48, 48)
+    assert torch.equal(regions, warp_regions(image, boxes, 48, cfg.pipelines["rcnn"].context_pad))
+    for bad in (-1, 16):
+        with pytest.raises(ValueError, match="warp_size must be 0"):
+            RCNNConfig(warp_size=bad)

@@ -128,3 +128,33 @@ def test_accumulated_passes_step_as_one_pass_on_their_mean():
     assert losses == pytest.approx(expected, rel=1e-6)
     for a, b in zip(net.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_loss_that_overflows_stops_training_with_the_iteration_and_the_rate():
+    from rcnn_bench.pipelines.parts.training import Diverged
+
+    w = torch.nn.Parameter(torch.tensor([2.0]))
+    solver = SolverConfig(iters=5, lr=1e20, weight_decay=0.0, momentum=0.0)
+    # iteration 1: loss 4, w -> 2 - 1e20 * 4 = -4e20; iteration 2: loss 1.6e41, beyond float32: inf
+    with pytest.raises(Diverged) as err:
+        run_sgd([w], solver, lambda _: (w**2).sum(), "toy")
+    assert str(err.value) == (
+        "the loss became inf at iteration 2 of 5 (learning rate 1e+20; the last finite one 4): "
+        "lower the solver's lr or raise its warmup_iters"
+    )
+
+
+def test_the_harness_names_the_pipeline_whose_training_diverged():
+    from rcnn_bench.benchmarks.harness.run import train_pipelines
+    from rcnn_bench.pipelines.parts.training import Diverged
+
+    class Toy:  # what train_pipelines calls of a detector
+        def training_split(self, train):
+            return train
+
+        def fit(self, train, timer):
+            w = torch.nn.Parameter(torch.tensor([2.0]))
+            run_sgd([w], SolverConfig(iters=3, lr=1e20), lambda _: (w**2).sum(), "toy")
+
+    with pytest.raises(Diverged, match=r"^pipelines\.toy\.solver \(training seed 3\): the loss "):
+        train_pipelines({"toy": Toy()}, None, torch.device("cpu"), 3)
