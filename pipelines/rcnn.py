@@ -572,7 +572,7 @@ class RCNN(Detector):
         return self.cfg.solver.paper_schedule(stages_s["finetune"], other)
 
     def object_floor(self) -> ObjectFloor:
-        # Every region is warped to the net's input: a smaller object is enlarged, never lost.
+        # Every region is warped to warp_size: a smaller object is enlarged, never lost.
         side = self.warp_size
         return ObjectFloor(f"its {side}-pixel warp", None, lambda size: float(side))
 
